@@ -1,0 +1,254 @@
+"""Gradient estimators for an implicit layer h* = F(h*, z).
+
+Each estimator is a drop-in way to run the layer in training; it is chosen by
+name plus explicit fields (:class:`EstimatorConfig`):
+
+=========== ==================================================================
+``implicit`` implicit differentiation: the backward solves
+             g = (dF/dh)^T g + dL/dh with a backward solver (paper Eq. 4).
+``exact``    the same linear system solved by a dense solve (small problems).
+``upg``      unrolling-based phantom gradient A_{k,lam} (appendix Alg. 1):
+             k damped steps h <- (1-lam) h + lam F(h, z) under autograd,
+             from the no-grad solution. Memory O(k).
+``npg``      Neumann-series phantom gradient (appendix Alg. 2 and 3):
+             a custom backward, O(1) memory in k.
+``jfb``      Jacobian-free backprop, UPG with k = 1, lam = 1.
+``bptt``     backpropagation through the whole forward fixed-point unroll.
+``unrolled`` MDEQ's pretraining mode: k weight-tied applications of F from h0.
+=========== ==================================================================
+
+>>> import torch
+>>> from pipeline.deq import SolverConfig, EstimatorConfig, implicit_layer
+>>> W = torch.nn.Parameter(0.3 * torch.eye(4))
+>>> u = torch.randn(2, 4)
+>>> h, stats = implicit_layer(lambda h: torch.tanh(h @ W + u), torch.zeros(2, 4),
+...                           SolverConfig("broyden", 30, 1e-8), EstimatorConfig("upg", k=5, lam=0.5))
+>>> h.sum().backward(); W.grad.shape
+torch.Size([4, 4])
+
+The func passed in is a closure F(h) over z and the module's parameters; the
+estimators only need F's vector-Jacobian products, never a dense Jacobian
+(``exact`` aside).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .solvers import SolverConfig, SolverStats, solve
+
+Tensor = torch.Tensor
+Func = Callable[[Tensor], Tensor]
+
+ESTIMATORS = ("implicit", "exact", "upg", "npg", "jfb", "bptt", "unrolled")
+
+
+@dataclass(frozen=True)
+class EstimatorConfig:
+    """A gradient estimator, by name and explicit fields.
+
+    Args:
+        name: one of ``ESTIMATORS``.
+        k: unrolling steps (``upg``), Neumann terms (``npg``), layers (``unrolled``).
+            Paper's recommended A_{5,0.5} for MDEQ on CIFAR-10.
+        lam: damping factor lambda in (0, 1].
+        b_solver: backward solver for ``implicit`` (``fixed_point``, ``anderson``, ``broyden``).
+        b_max_iter: backward budget b_thres (MDEQ-Tiny: 24).
+        b_tol: backward tolerance.
+        b_stop_mode: ``rel`` or ``abs``.
+    """
+
+    name: str = "implicit"
+    k: int = 5
+    lam: float = 0.5
+    b_solver: str = "broyden"
+    b_max_iter: int = 24
+    b_tol: float = 1e-6
+    b_stop_mode: str = "rel"
+
+    def __post_init__(self) -> None:
+        if self.name not in ESTIMATORS:
+            raise ValueError(f"unknown estimator {self.name!r}; valid names: {list(ESTIMATORS)}")
+        if self.k < 1:
+            raise ValueError(f"estimator k={self.k} must be >= 1")
+        if not 0.0 < self.lam <= 1.0:
+            raise ValueError(f"estimator lam={self.lam} must be in (0, 1]")
+        self.backward_solver  # validates b_solver
+
+    @property
+    def backward_solver(self) -> SolverConfig:
+        return SolverConfig(self.b_solver, self.b_max_iter, self.b_tol, self.b_stop_mode)
+
+    @property
+    def effective(self) -> "EstimatorConfig":
+        """``jfb`` is ``upg`` with k = 1, lam = 1."""
+        if self.name == "jfb":
+            return EstimatorConfig("upg", 1, 1.0, self.b_solver, self.b_max_iter, self.b_tol,
+                                   self.b_stop_mode)
+        return self
+
+
+class _BackwardHook(torch.autograd.Function):
+    """Identity in the forward; the backward replaces the incoming gradient by ``fn(grad)``.
+
+    Used to attach a custom backward solve to ``y = F(h*)``: autograd then carries
+    the solved gradient on through F's graph to z and the parameters.
+    """
+
+    @staticmethod
+    def forward(ctx, y: Tensor, fn: Callable[[Tensor], Tensor]) -> Tensor:
+        ctx.fn = fn
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return ctx.fn(grad), None
+
+
+def _vjp(y: Tensor, x: Tensor, v: Tensor) -> Tensor:
+    """v^T dy/dx through a retained graph."""
+    return torch.autograd.grad(y, x, v, retain_graph=True)[0]
+
+
+def _attach_backward(func: Func, h_star: Tensor, lam: float, backward: Callable) -> Tensor:
+    """y = (1-lam) h* + lam F(h*), with ``backward(y, h, grad)`` giving the vector y passes on."""
+    h = h_star.detach().requires_grad_()
+    y = func(h) if lam == 1.0 else (1 - lam) * h + lam * func(h)
+    return _BackwardHook.apply(y, lambda grad: backward(y, h, grad))
+
+
+def implicit_backward(backward_solver: SolverConfig, stats_out: list | None = None):
+    """Backward of implicit differentiation: solve g = J^T g + grad (paper Eq. 4)."""
+
+    def backward(y: Tensor, h: Tensor, grad: Tensor) -> Tensor:
+        g, stats = solve(lambda g: _vjp(y, h, g) + grad, torch.zeros_like(grad), backward_solver)
+        if stats_out is not None:
+            stats_out.append(stats)
+        return g
+
+    return backward
+
+
+def neumann_backward(k: int):
+    """Alg. 3: g_hat = sum_{t<k} (B^T)^t grad with B = dF_lam/dh, by k-1 VJPs.
+
+    Appendix Alg. 2 writes ``g_out = lambda_ * grad(f, z, g_hat)`` with f already
+    damped; the factor lambda enters once (Theorem 2, Eq. A-10), here through
+    y = (1-lam) h + lam F(h), so UPG and NPG agree at an exact fixed point.
+    """
+
+    def backward(y: Tensor, h: Tensor, grad: Tensor) -> Tensor:
+        g_hat = grad
+        for _ in range(k - 1):
+            g_hat = grad + _vjp(y, h, g_hat)
+        return g_hat
+
+    return backward
+
+
+def dense_backward(y: Tensor, h: Tensor, grad: Tensor) -> Tensor:
+    """Solve (I - J^T) g = grad with the dense Jacobian J = dF/dh, per sample.
+
+    Assumes samples (dim 0) do not interact inside F, as in every model here.
+    The Jacobian of each sample is built from n VJPs, one per coordinate,
+    taken for the whole batch at once.
+    """
+    bsz = grad.shape[0]
+    n = grad[0].numel()
+    if n > 8192:
+        raise ValueError(f"exact estimator: {n} unknowns per sample is too many for a dense "
+                         "solve; use 'implicit' with a tight b_tol")
+    eye = torch.eye(n, dtype=grad.dtype, device=grad.device)
+    rows = [_vjp(y, h, eye[i].expand(bsz, n).reshape_as(grad)).reshape(bsz, n) for i in range(n)]
+    JT = torch.stack(rows, dim=1).transpose(1, 2)  # JT[b] = J_b^T; rows[i] = e_i^T J
+    A = eye - JT
+    g = torch.linalg.solve(A, grad.reshape(bsz, n, 1))
+    return g.reshape_as(grad)
+
+
+def unroll(func: Func, h0: Tensor, steps: int, lam: float = 1.0) -> Tensor:
+    """``steps`` damped applications of F under autograd: h <- (1-lam) h + lam F(h)."""
+    h = h0
+    for _ in range(steps):
+        h = func(h) if lam == 1.0 else (1 - lam) * h + lam * func(h)
+    return h
+
+
+def implicit_layer(func: Func, h0: Tensor, solver: SolverConfig, estimator: EstimatorConfig,
+                   training: bool = True, backward_stats: list | None = None
+                   ) -> tuple[Tensor, SolverStats]:
+    """Run an implicit layer h* = F(h*) with the gradient ``estimator``.
+
+    Args:
+        func: F as a closure over the input injection z and the parameters.
+        h0: initial state, shape (B, ...).
+        solver: forward solver (MDEQ: Broyden, f_thres).
+        estimator: how the backward is formed.
+        training: in eval mode (or with grad disabled) only the no-grad solve runs.
+        backward_stats: if a list, ``implicit`` appends the backward SolverStats to it.
+
+    Returns:
+        (h, stats): the layer output, with the graph the estimator needs, and the
+        forward solver's stats (``unrolled`` reports no solve: nstep 0).
+    """
+    est = estimator.effective
+    if est.name == "unrolled":
+        if not (training and torch.is_grad_enabled()):
+            with torch.no_grad():
+                return unroll(func, h0, est.k), SolverStats()
+        return unroll(func, h0, est.k), SolverStats()
+    if est.name == "bptt" and training and torch.is_grad_enabled():
+        return _bptt(func, h0, solver)
+
+    with torch.no_grad():
+        h_star, stats = solve(func, h0, solver)
+    if not (training and torch.is_grad_enabled()):
+        return h_star, stats
+    return attach_estimator(func, h_star, est, backward_stats), stats
+
+
+def attach_estimator(func: Func, h_star: Tensor, estimator: EstimatorConfig,
+                     backward_stats: list | None = None) -> Tensor:
+    """Given a no-grad solution h*, return the output whose backward is ``estimator``'s.
+
+    Lets several estimators share one forward solve (the synthetic study and
+    the training diagnostics compare them on the same h*).
+    """
+    est = estimator.effective
+    if est.name == "upg":  # Alg. 1
+        return unroll(func, h_star.detach(), est.k, est.lam)
+    if est.name == "npg":  # Alg. 2 / 3
+        return _attach_backward(func, h_star, est.lam, neumann_backward(est.k))
+    if est.name == "implicit":
+        back = implicit_backward(est.backward_solver, backward_stats)
+        return _attach_backward(func, h_star, 1.0, back)
+    if est.name == "exact":
+        return _attach_backward(func, h_star, 1.0, dense_backward)
+    raise ValueError(f"estimator {est.name!r} needs the forward unroll; use implicit_layer")
+
+
+def _bptt(func: Func, h0: Tensor, solver: SolverConfig) -> tuple[Tensor, SolverStats]:
+    """Fixed-point iteration under autograd, stopped like the forward solver."""
+    stats = SolverStats()
+    h = h0
+    for step in range(solver.max_iter + 1):
+        fh = func(h)
+        with torch.no_grad():
+            abs_res = torch.linalg.vector_norm(fh - h).item()
+            rel_res = abs_res / (torch.linalg.vector_norm(fh).item() + 1e-12)
+        stats.abs_trace.append(abs_res)
+        stats.rel_trace.append(rel_res)
+        stats.nstep = stats.best_step = step
+        stats.abs_residual, stats.rel_residual = abs_res, rel_res
+        value = rel_res if solver.stop_mode == "rel" else abs_res
+        if not math.isfinite(value):
+            stats.diverged, stats.reason = True, f"non-finite residual at step {step}"
+            break
+        if value <= solver.tol:
+            stats.converged = True
+            break
+        h = fh
+    return fh, stats

@@ -1,0 +1,1 @@
+"""Figures and tables, built only from results/."""

@@ -1,0 +1,198 @@
+"""MLflow at the edge: the only module of the package that imports mlflow.
+
+One experiment per study, one run per Snakemake job. Runs carry tags (git
+commit, params hash, study, rule, wildcards, scale), the exact params slice they
+used, and per-step curves logged in batches (``log_batch``, at most 1000 entries
+a call).
+
+The store is created once, before parallel jobs start, by::
+
+    python -m pipeline init-tracking --uri sqlite:///mlruns/mlflow.db \
+        --artifacts mlruns/artifacts --experiments synthetic ablations --touch mlruns/.ready
+
+``uri = "none"`` turns tracking off (a :class:`NullRun` records nothing).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Mapping, Sequence
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
+
+MAX_BATCH = 1000  # MLflow's cap on metric entries per log_batch call
+
+
+def flatten(params: Mapping, prefix: str = "") -> dict[str, str]:
+    """{"a": {"b": 1}} -> {"a.b": "1"}; lists are JSON-encoded."""
+    out: dict[str, str] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
+    return out
+
+
+def git_commit() -> str:
+    """HEAD's commit, with '-dirty' when the package has uncommitted changes; 'unknown' outside git."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "pipeline"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+    return MlflowClient(tracking_uri=uri)
+
+
+def _retry(fn, *args, attempts: int = 8, **kwargs):
+    """SQLite allows one writer; a concurrent job may find the database locked for a moment."""
+    for attempt in range(attempts):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as err:  # mlflow wraps sqlite's OperationalError in its own types
+            if "locked" not in str(err).lower() or attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * 2 ** attempt)
+
+
+def _artifact_location(artifacts: str, experiment: str) -> str:
+    return Path(artifacts, experiment).resolve().as_uri()
+
+
+def init_store(uri: str, artifacts: str, experiments: Sequence[str]) -> dict[str, str]:
+    """Create the store (schema migrations run here, once) and the experiments."""
+    if uri == "none":
+        return {}
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    client = _client(uri)
+    ids = {}
+    for name in experiments:
+        exp = client.get_experiment_by_name(name)
+        ids[name] = exp.experiment_id if exp else client.create_experiment(
+            name, artifact_location=_artifact_location(artifacts, name))
+    return ids
+
+
+class NullRun:
+    """Tracking switched off: same interface, records nothing."""
+
+    run_id = None
+
+    def log_params(self, params: Mapping) -> None: ...
+    def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None: ...
+    def log_curves(self, curves: Mapping[str, Sequence[float]], steps: Sequence[int]) -> None: ...
+    def log_artifact(self, path: str | Path, subdir: str | None = None) -> None: ...
+    def set_tags(self, tags: Mapping[str, str]) -> None: ...
+    def fail(self, reason: str) -> None: ...
+
+
+class Run(NullRun):
+    """An open MLflow run; metrics go out in batches of at most 1000 entries."""
+
+    def __init__(self, client, run_id: str, batch_size: int = MAX_BATCH):
+        self.client, self.run_id = client, run_id
+        self.batch_size = min(batch_size, MAX_BATCH)
+
+    def log_params(self, params: Mapping) -> None:
+        from mlflow.entities import Param
+        flat = [Param(k, v[:6000]) for k, v in flatten(params).items()]
+        existing = self.client.get_run(self.run_id).data.params
+        flat = [p for p in flat if p.key not in existing]  # a resumed run keeps its params
+        for i in range(0, len(flat), 100):
+            _retry(self.client.log_batch, self.run_id, params=flat[i:i + 100])
+
+    def _log_entries(self, entries: list) -> None:
+        for i in range(0, len(entries), self.batch_size):
+            _retry(self.client.log_batch, self.run_id, metrics=entries[i:i + self.batch_size])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
+        from mlflow.entities import Metric
+        now = int(time.time() * 1000)
+        self._log_entries([Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    def log_curves(self, curves: Mapping[str, Sequence[float]], steps: Sequence[int]) -> None:
+        """Each curve is a per-step metric series (values[i] at steps[i]); NaN entries are skipped."""
+        from mlflow.entities import Metric
+        now = int(time.time() * 1000)
+        entries = [Metric(name, float(v), now, int(s))
+                   for name, values in curves.items() for s, v in zip(steps, values)
+                   if v == v]
+        self._log_entries(entries)
+
+    def log_artifact(self, path: str | Path, subdir: str | None = None) -> None:
+        _retry(self.client.log_artifact, self.run_id, str(path), subdir)
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        for key, value in tags.items():
+            _retry(self.client.set_tag, self.run_id, key, str(value))
+
+    def fail(self, reason: str) -> None:
+        self.set_tags({"failure_reason": reason[:5000]})
+        _retry(self.client.set_terminated, self.run_id, "FAILED")
+        self._terminated = True
+
+
+@contextmanager
+def start_run(uri: str, experiment: str, run_name: str, tags: Mapping[str, str],
+              params: Mapping, artifacts: str = "mlruns/artifacts", run_id: str | None = None,
+              batch_size: int = MAX_BATCH) -> Iterator[NullRun]:
+    """Open (or, with ``run_id``, resume) a run; it ends FINISHED, or FAILED on an exception.
+
+    The experiment should exist (``init_store``); if not, it is created here.
+    """
+    if uri == "none":
+        yield NullRun()
+        return
+    client = _client(uri)
+    if run_id is None:
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            exp_id = init_store(uri, artifacts, [experiment])[experiment]
+        else:
+            exp_id = exp.experiment_id
+        tags = {"mlflow.runName": run_name, "git_commit": git_commit(), **tags}
+        run_id = _retry(client.create_run, exp_id, tags={k: str(v) for k, v in tags.items()},
+                        run_name=run_name).info.run_id
+    else:
+        _retry(client.update_run, run_id, status="RUNNING")
+    run = Run(client, run_id, batch_size)
+    run.log_params(params)
+    try:
+        yield run
+    except BaseException as err:
+        if not getattr(run, "_terminated", False):
+            run.fail(f"{type(err).__name__}: {err}")
+        raise
+    else:
+        if not getattr(run, "_terminated", False):
+            _retry(client.set_terminated, run_id, "FINISHED")
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--uri", required=True)
+    parser.add_argument("--artifacts", required=True)
+    parser.add_argument("--experiments", nargs="+", required=True)
+    parser.add_argument("--touch", help="marker file written once the store is ready")
+
+
+def main(args) -> int:
+    ids = init_store(args.uri, args.artifacts, args.experiments)
+    print(f"MLflow store {args.uri}: experiments {ids}")
+    if args.touch:
+        Path(args.touch).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.touch).write_text(json.dumps({"uri": args.uri, "experiments": ids}) + "\n")
+    return 0

@@ -1,0 +1,21 @@
+# The MLflow store is created once here, before any tracked job runs in parallel
+# (concurrent schema migrations race). Consumers take it as ancient() input.
+
+
+rule init_tracking:
+    output:
+        ready="mlruns/.ready",
+    params:
+        uri=TRACKING["uri"],
+        artifacts=TRACKING["artifacts"],
+        experiments=["synthetic", "ablations"],
+    log:
+        "logs/init_tracking.log",
+    benchmark:
+        "benchmarks/rules/init_tracking.tsv"
+    localrule: True
+    conda:
+        "../../envs/pipeline.yaml"
+    shell:
+        "{PYTHON} -m pipeline init-tracking --uri {params.uri} --artifacts {params.artifacts}"
+        " --experiments {params.experiments} --touch {output.ready} > {log} 2>&1"
