@@ -12,11 +12,13 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/tracking.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/synthetic.smk"
+include: "workflow/rules/ablations.smk"
 
 
 rule figures:
     """Every figure and table that exists so far."""
     input:
         rules.plot_synthetic.output,
+        rules.report_ablations.output,
     localrule: True
     default_target: True

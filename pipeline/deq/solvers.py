@@ -182,13 +182,19 @@ def anderson(f, x0, max_iter, tol, stop_mode="rel", callback=None, memory=5, dam
 
 
 def _inv_jac_matvec(Us: Tensor, VTs: Tensor, v: Tensor) -> Tensor:
-    """H v with H = -I + U V^T (the low-rank inverse-Jacobian estimate)."""
-    return -v + torch.einsum("bnk,bk->bn", Us, torch.einsum("bkn,bn->bk", VTs, v))
+    """H v with H = -I + sum_i u_i v_i^T; Us and VTs are (B, rank, n).
+
+    Written as row-vector products (B, 1, .) @ (B, ., .), which CPU BLAS runs several
+    times faster than the equivalent batched matrix-vector products.
+    """
+    coeff = torch.bmm(v.unsqueeze(1), VTs.transpose(1, 2))       # (B, 1, rank): v_i^T v
+    return -v + torch.bmm(coeff, Us).squeeze(1)
 
 
 def _inv_jac_rmatvec(Us: Tensor, VTs: Tensor, v: Tensor) -> Tensor:
-    """v^T H with H = -I + U V^T."""
-    return -v + torch.einsum("bk,bkn->bn", torch.einsum("bn,bnk->bk", v, Us), VTs)
+    """v^T H with H = -I + sum_i u_i v_i^T."""
+    coeff = torch.bmm(v.unsqueeze(1), Us.transpose(1, 2))        # (B, 1, rank): v^T u_i
+    return -v + torch.bmm(coeff, VTs).squeeze(1)
 
 
 @torch.no_grad()
@@ -202,7 +208,7 @@ def broyden(f, x0, max_iter, tol, stop_mode="rel", callback=None, **_):
     shape = x0.shape
     n = x0[0].numel()
     cap = max(1, max_iter)
-    Us = x0.new_zeros(bsz, n, cap)
+    Us = x0.new_zeros(bsz, cap, n)
     VTs = x0.new_zeros(bsz, cap, n)
     track = _Tracker(tol, stop_mode, callback)
     x = x0.reshape(bsz, n)
@@ -211,17 +217,17 @@ def broyden(f, x0, max_iter, tol, stop_mode="rel", callback=None, **_):
     for step in range(max_iter + 1):
         if track.record(step, x.reshape(shape), fx.reshape(shape)) or step == max_iter:
             break
-        dx = -_inv_jac_matvec(Us[:, :, :step], VTs[:, :step], gx)
+        dx = -_inv_jac_matvec(Us[:, :step], VTs[:, :step], gx)
         x_new = x + dx
         fx = f(x_new.reshape(shape)).reshape(bsz, n)
         gx_new = fx - x_new
         dg = gx_new - gx
-        vT = _inv_jac_rmatvec(Us[:, :, :step], VTs[:, :step], dx)
-        Hdg = _inv_jac_matvec(Us[:, :, :step], VTs[:, :step], dg)
+        vT = _inv_jac_rmatvec(Us[:, :step], VTs[:, :step], dx)
+        Hdg = _inv_jac_matvec(Us[:, :step], VTs[:, :step], dg)
         denom = (vT * dg).sum(dim=1, keepdim=True)
         ok = denom.abs() > 1e-30
         u = torch.where(ok, (dx - Hdg) / torch.where(ok, denom, torch.ones_like(denom)), 0.0)
-        Us[:, :, step] = u
+        Us[:, step] = u
         VTs[:, step] = torch.where(ok, vT, 0.0)
         x, gx = x_new, gx_new
     return track.finish(x0)

@@ -28,7 +28,7 @@ rule synthetic_study:
     conda:
         "../../envs/pipeline.yaml"
     shell:
-        "{PYTHON} -m pipeline synthetic --Lh {wildcards.Lh} --params {params.synthetic:q}"
+        "python -m pipeline synthetic --Lh {wildcards.Lh} --params {params.synthetic:q}"
         " --scale {params.scale} --out {params.out} {params.tracking}"
         " --tags {params.tags:q} --threads {threads} > {log} 2>&1"
 
@@ -51,4 +51,4 @@ rule plot_synthetic:
     conda:
         "../../envs/pipeline.yaml"
     shell:
-        "{PYTHON} -m pipeline plot-synthetic --results {params.dirs} --out figures > {log} 2>&1"
+        "python -m pipeline plot-synthetic --results {params.dirs} --out figures > {log} 2>&1"

@@ -17,5 +17,5 @@ rule init_tracking:
     conda:
         "../../envs/pipeline.yaml"
     shell:
-        "{PYTHON} -m pipeline init-tracking --uri {params.uri} --artifacts {params.artifacts}"
+        "python -m pipeline init-tracking --uri {params.uri} --artifacts {params.artifacts}"
         " --experiments {params.experiments} --touch {output.ready} > {log} 2>&1"
