@@ -23,5 +23,4 @@ lint: $(STAMP)
 	$(VENV)/bin/snakemake --lint
 
 clean-results:
-	rm -rf results/* figures/* logs/ benchmarks/rules/ mlruns/ .snakemake/
-	touch results/.gitkeep figures/.gitkeep
+	rm -rf results/ figures/ logs/ benchmarks/rules/ mlruns/ checkpoints/ .snakemake/

@@ -176,7 +176,7 @@ def diagnostics(model, cfg: TrainConfig, estimator: EstimatorConfig, x: Tensor, 
     """Gradient fidelity and spectral radii on one batch, one set of dropout masks, one h*."""
     params = [p for p in model.parameters() if p.requires_grad]
     buffers = {k: v.clone() for k, v in model.named_buffers()}  # BatchNorm stats stay untouched
-    func, h0, shapes = model._problem(x)
+    func, h0, shapes = model.problem(x)
     h_star, _ = solve(func, h0, cfg.forward_solver)
 
     def grad_of(est: EstimatorConfig) -> Tensor:
@@ -369,7 +369,8 @@ def main(args) -> int:
     tags = {"study": "ablations", "ablation": args.name, "scale": args.scale,
             "dataset": data["meta"]["name"], "params_hash": phash, **json.loads(args.tags)}
     with tracking.start_run(args.tracking_uri, "ablations", args.name, tags,
-                            {"ablation": params, "name": args.name, "scale": args.scale},
+                            {"ablation": dataclasses.asdict(cfg), "name": args.name,
+                             "scale": args.scale},
                             args.artifacts, run_id=run_id) as tracker:
         results = train(cfg, data, tracker, checkpoint,
                         log=lambda msg: print(msg, flush=True))

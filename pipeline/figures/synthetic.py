@@ -113,6 +113,7 @@ def summary_table(studies: dict[float, dict], k: int = 5, lam: float = 0.5) -> p
         rows.append({"L_h": Lh, "scale": s["scale"], "pairs": s["pairs"],
                      "forward_rel_residual": s["forward_rel_residual_max"],
                      "forward_steps": s["forward_steps_max"],
+                     "target_met": s.get("forward_target_met"),
                      "rho_dF_dh": s["dynamics_rho_dF_dh_mean"],
                      f"cos_upg_A{k},{lam:g}": at.get("upg"), f"cos_npg_A{k},{lam:g}": at.get("npg"),
                      "broyden_final_cos": broyden.cosine.iloc[-1],

@@ -15,7 +15,6 @@ except ParamsError as err:
 # Rules call `python -m pipeline ...`. Under --sdm conda the rule's environment provides
 # `python`; otherwise it must be the interpreter running Snakemake (the project's .venv),
 # whether or not that environment was activated.
-PYTHON = sys.executable
 if DeploymentMethod.CONDA not in workflow.deployment_settings.deployment_method:
     os.environ.update(PATH=os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]))
 SCALE = PARAMS["scale"]

@@ -1,0 +1,108 @@
+"""ImageNet: validate a user-provided ImageFolder tree and write a small manifest.
+
+ImageNet cannot be downloaded without an account, so the pipeline never fetches
+it. Point ``data.imagenet.root`` at a tree laid out as torchvision's
+``ImageFolder`` expects::
+
+    <root>/train/<class>/<image>.JPEG
+    <root>/val/<class>/<image>.JPEG
+
+The check is structural: it lists file names and opens one image per class and
+split, never the 1.28M images themselves. The manifest
+(``data/imagenet/manifest.json``) records the classes, the per-class counts and
+the root; DVC versions the manifest, not the images.
+
+    python -m pipeline data imagenet --root /datasets/imagenet \
+        --manifest data/imagenet/manifest.json
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pipeline.io import write_json
+
+from .download import DataError
+from .layout import drop_if_empty
+
+SPLITS = ("train", "val")
+# torchvision.datasets.folder.IMG_EXTENSIONS
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+HINT = ("Set data.imagenet.root in params.yaml to a folder with train/ and val/, each "
+        "holding one sub-folder of images per class (torchvision ImageFolder layout).")
+
+
+def _images(folder: Path) -> list[str]:
+    with os.scandir(folder) as entries:
+        return sorted(e.name for e in entries
+                      if e.is_file() and e.name.lower().endswith(IMG_EXTENSIONS))
+
+
+def _check_opens(path: Path) -> None:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img.verify()
+    except (OSError, UnidentifiedImageError, SyntaxError) as err:
+        raise DataError(f"{path}: not a readable image ({err})") from err
+
+
+def scan_imagenet(root: str | Path) -> dict:
+    """Check the ImageFolder tree at ``root``; return the manifest.
+
+    Raises:
+        DataError: root missing, a split missing, no classes, a class folder
+            without images, different classes in train and val, or an image that
+            PIL cannot open and verify (one per class and split is checked).
+    """
+    if not root:
+        raise DataError(f"data.imagenet.root is not set. {HINT}")
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"data.imagenet.root: {root} is not a directory. {HINT}")
+    counts: dict[str, dict[str, int]] = {}
+    for split in SPLITS:
+        split_dir = root / split
+        if not split_dir.is_dir():
+            raise DataError(f"{split_dir}: missing. {HINT}")
+        classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir())
+        if not classes:
+            raise DataError(f"{split_dir}: no class folders. {HINT}")
+        counts[split] = {}
+        for name in classes:
+            images = _images(split_dir / name)
+            if not images:
+                raise DataError(f"{split_dir / name}: no images ({', '.join(IMG_EXTENSIONS)}). "
+                                f"{HINT}")
+            _check_opens(split_dir / name / images[0])
+            counts[split][name] = len(images)
+    train, val = set(counts["train"]), set(counts["val"])
+    if train != val:
+        only_train, only_val = sorted(train - val)[:5], sorted(val - train)[:5]
+        raise DataError(f"{root}: train and val have different classes (only in train: "
+                        f"{only_train}, only in val: {only_val}). {HINT}")
+    classes = sorted(train)
+    return {
+        "name": "imagenet",
+        "root": str(root.resolve()),
+        "num_classes": len(classes),
+        "classes": classes,
+        "counts": counts,
+        "n_train": sum(counts["train"].values()),
+        "n_val": sum(counts["val"].values()),
+    }
+
+
+def validate_imagenet(root: str | Path | None, manifest: str | Path) -> dict:
+    """Validate the tree and write ``manifest`` (atomically); nothing is written on failure."""
+    manifest = Path(manifest)
+    try:
+        result = scan_imagenet(root)
+    except DataError:
+        drop_if_empty(manifest.parent)
+        raise
+    write_json(result, manifest)
+    print(f"imagenet: {result['num_classes']} classes, {result['n_train']} train / "
+          f"{result['n_val']} val images at {result['root']} -> {manifest}")
+    return result

@@ -1,0 +1,209 @@
+"""params.yaml validation (pipeline/config.py) and its wiring into the CLI and the Snakefile.
+
+Every bad-value test starts from the real params.yaml, changes one key, and checks
+that the ParamsError names that key, so the tests keep working as sections are added.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import ParamsError, load, resolve, validate
+from pipeline.config import main as config_main
+from pipeline.deq import SOLVERS
+
+
+@pytest.fixture(scope="module")
+def raw(repo_root) -> dict:
+    return yaml.safe_load((repo_root / "params.yaml").read_text())
+
+
+def _get(params: dict, dotted: str):
+    node = params
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def _rejects(params: dict, *fragments: str, scale: str | None = None) -> str:
+    """resolve() must raise ParamsError whose message contains every fragment."""
+    with pytest.raises(ParamsError) as info:
+        resolve(params, scale)
+    message = str(info.value)
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} not in error message:\n{message}"
+    return message
+
+
+# --- the real file ---------------------------------------------------------------------------
+
+def test_real_params_valid_at_default_scale(repo_root, raw):
+    params = load(repo_root / "params.yaml", "default")
+    assert params["scale"] == "default"
+    expected = copy.deepcopy(raw)
+    expected["scale"] = "default"
+    assert params == expected, "the default scale must not change any value"
+
+
+def test_real_params_valid_at_every_scale(repo_root, raw):
+    scales = raw.get("scales") or {}
+    assert "paper" in scales, "params.yaml should define the paper scale"
+    for name, overrides in scales.items():
+        params = load(repo_root / "params.yaml", name)
+        assert params["scale"] == name
+        for dotted, value in (overrides or {}).items():
+            assert _get(params, dotted) == value, f"scales.{name}: {dotted} not applied"
+    # resolve() works on a copy: the source dict is untouched
+    before = copy.deepcopy(raw)
+    resolve(raw, "paper")
+    assert raw == before
+
+
+def test_scale_key_in_file_is_used(raw):
+    params = copy.deepcopy(raw)
+    params["scale"] = "paper"
+    resolved = resolve(params)
+    assert resolved["scale"] == "paper"
+    for dotted, value in (raw["scales"]["paper"] or {}).items():
+        assert _get(resolved, dotted) == value
+
+
+# --- bad values, each naming its key ---------------------------------------------------------
+
+@pytest.mark.parametrize("bad", [1.2, 0, -0.5, 1.0])
+def test_Lh_outside_open_unit_interval(raw, bad):
+    params = copy.deepcopy(raw)
+    idx = len(params["synthetic"]["Lh"]) - 1
+    params["synthetic"]["Lh"][idx] = bad
+    _rejects(params, f"synthetic.Lh[{idx}]")
+
+
+def test_grid_k_below_one(raw):
+    params = copy.deepcopy(raw)
+    params["synthetic"]["grid"]["k"][0] = 0
+    _rejects(params, "synthetic.grid.k[0]")
+
+
+@pytest.mark.parametrize("bad", [0, 1.5, -0.1])
+def test_grid_lam_outside_zero_one(raw, bad):
+    params = copy.deepcopy(raw)
+    idx = len(params["synthetic"]["grid"]["lam"]) - 1
+    params["synthetic"]["grid"]["lam"][idx] = bad
+    _rejects(params, f"synthetic.grid.lam[{idx}]")
+
+
+def test_grid_lam_one_is_allowed(raw):
+    params = copy.deepcopy(raw)
+    params["synthetic"]["grid"]["lam"] = [0.5, 1.0]
+    validate(resolve(params))
+
+
+@pytest.mark.parametrize("key", ["forward", "dynamics"])
+def test_unknown_solver_lists_valid_names(raw, key):
+    params = copy.deepcopy(raw)
+    params["synthetic"][key]["solver"] = "newton"
+    message = _rejects(params, f"synthetic.{key}.solver", "newton")
+    for name in SOLVERS:
+        assert name in message, f"valid solver {name!r} not listed:\n{message}"
+
+
+def test_unknown_top_level_key(raw):
+    params = copy.deepcopy(raw)
+    params["synthetc"] = {"pairs": 3}
+    _rejects(params, "synthetc")
+
+
+def test_unknown_nested_key(raw):
+    params = copy.deepcopy(raw)
+    params["synthetic"]["forward"]["tolerance"] = 1e-6
+    _rejects(params, "synthetic.forward", "tolerance")
+
+
+def test_missing_required_key(raw):
+    params = copy.deepcopy(raw)
+    del params["synthetic"]["grid"]["lam"]
+    _rejects(params, "synthetic.grid", "lam")
+
+
+def test_wrong_type(raw):
+    params = copy.deepcopy(raw)
+    params["synthetic"]["pairs"] = "many"
+    _rejects(params, "synthetic.pairs")
+
+
+@pytest.mark.parametrize("dotted", ["synthetic.nope", "nothere.pairs", "synthetic.pairs.deeper"])
+def test_scale_override_naming_no_key(raw, dotted):
+    params = copy.deepcopy(raw)
+    params["scales"]["paper"] = {**(params["scales"]["paper"] or {}), dotted: 1}
+    _rejects(params, "scales.paper", dotted, scale="paper")
+
+
+def test_scale_override_with_bad_value_is_validated(raw):
+    params = copy.deepcopy(raw)
+    params["scales"]["paper"] = {**(params["scales"]["paper"] or {}), "synthetic.pairs": 0}
+    _rejects(params, "synthetic.pairs", scale="paper")
+    # ... while the default scale, which does not apply it, stays valid
+    resolve(params, "default")
+
+
+def test_unknown_scale(raw):
+    message = _rejects(copy.deepcopy(raw), "huge", scale="huge")
+    assert "default" in message and "paper" in message, message
+
+
+# --- CLI and Snakefile ---------------------------------------------------------------------
+
+def _write_bad(raw: dict, path: Path) -> str:
+    """params.yaml with the last L_h set to 1.2; returns the key the error must name."""
+    params = copy.deepcopy(raw)
+    idx = len(params["synthetic"]["Lh"]) - 1
+    params["synthetic"]["Lh"][idx] = 1.2
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return f"synthetic.Lh[{idx}]"
+
+
+def test_cli_validate(raw, repo_root, venv_bin, tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    key = _write_bad(raw, bad)
+    proc = subprocess.run([str(venv_bin / "python"), "-m", "pipeline", "validate", str(bad)],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode != 0
+    assert key in proc.stdout + proc.stderr
+    # the valid file, in-process (the same main() the CLI calls)
+    args = argparse.Namespace(params=str(repo_root / "params.yaml"), scale="paper", show=False)
+    assert config_main(args) == 0
+    assert "valid (scale paper)" in capsys.readouterr().out
+
+
+@pytest.fixture()
+def workflow_copy(repo_root, tmp_path) -> Path:
+    for name in ("Snakefile", "params.yaml"):
+        shutil.copy(repo_root / name, tmp_path / name)
+    for name in ("workflow", "profiles"):
+        shutil.copytree(repo_root / name, tmp_path / name,
+                        ignore=shutil.ignore_patterns("__pycache__", ".snakemake"))
+    return tmp_path
+
+
+def _snakemake_dry(venv_bin, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    return subprocess.run([str(venv_bin / "snakemake"), "-n", "figures"], capture_output=True,
+                          text=True, cwd=cwd, env=env, timeout=120)
+
+
+def test_snakemake_rejects_bad_params_before_any_job(raw, venv_bin, workflow_copy):
+    key = _write_bad(raw, workflow_copy / "params.yaml")
+    proc = _snakemake_dry(venv_bin, workflow_copy)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out
+    assert key in out, out
+    assert "Building DAG" not in out, "validation must fail before the DAG is planned"
+    for folder in ("results", "logs", "mlruns", "figures", "benchmarks"):
+        assert not (workflow_copy / folder).exists(), f"{folder}/ created by a failed validation"

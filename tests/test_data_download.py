@@ -1,0 +1,378 @@
+"""Data acquisition without the network: a local HTTP server serves a small archive
+in the true ``cifar-10-python.tar.gz`` format, and the real code downloads,
+verifies, extracts and exports it; ImageNet's validation runs on a tiny tree.
+"""
+from __future__ import annotations
+
+import hashlib
+import http.server
+import io
+import json
+import os
+import pickle
+import shutil
+import socket
+import subprocess
+import sys
+import tarfile
+import threading
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.data import DataError, extract_archive, fetch, load_meta, load_split
+from pipeline.data.cifar10 import prepare_cifar10
+from pipeline.data.imagenet import validate_imagenet
+
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer",
+           "dog", "frog", "horse", "ship", "truck"]
+PER_BATCH, N_TEST = 3, 4
+
+
+def _batch(label: bytes, data: np.ndarray, labels: list[int]) -> bytes:
+    # The official batches are Python 2 pickles of dicts whose keys come back as
+    # bytes; protocol 2 with bytes keys reproduces what pickle.load(encoding="bytes") sees.
+    return pickle.dumps({b"batch_label": label, b"labels": labels, b"data": data,
+                         b"filenames": [f"img_{i}.png".encode() for i in range(len(labels))]},
+                        protocol=2)
+
+
+def make_cifar_archive(path: Path) -> dict:
+    """Write a small archive in the official layout; return the arrays it holds."""
+    rng = np.random.default_rng(0)
+    members, train_data, train_labels = {}, [], []
+    for i in range(1, 6):
+        data = rng.integers(0, 256, size=(PER_BATCH, 3072), dtype=np.uint8)
+        labels = [int(x) for x in rng.integers(0, 10, size=PER_BATCH)]
+        members[f"data_batch_{i}"] = _batch(f"training batch {i} of 5".encode(), data, labels)
+        train_data.append(data)
+        train_labels += labels
+    test_data = rng.integers(0, 256, size=(N_TEST, 3072), dtype=np.uint8)
+    test_labels = [int(x) for x in rng.integers(0, 10, size=N_TEST)]
+    members["test_batch"] = _batch(b"testing batch 1 of 1", test_data, test_labels)
+    members["batches.meta"] = pickle.dumps(
+        {b"num_cases_per_batch": PER_BATCH, b"label_names": [c.encode() for c in CLASSES],
+         b"num_vis": 3072}, protocol=2)
+    members["readme.html"] = b"<html></html>"
+    with tarfile.open(path, "w:gz") as tar:
+        for name, blob in members.items():
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+    return {"train_data": np.concatenate(train_data), "train_labels": train_labels,
+            "test_data": test_data, "test_labels": test_labels}
+
+
+def md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+class _Handler(http.server.SimpleHTTPRequestHandler):
+    """Static files, plus /short/<name>: announces the full length, sends half, hangs up."""
+
+    def do_GET(self):
+        if self.path.startswith("/short/"):
+            blob = Path(self.directory, self.path.removeprefix("/short/")).read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(blob)))
+            self.end_headers()
+            self.wfile.write(blob[: len(blob) // 2])
+            self.close_connection = True
+            return
+        super().do_GET()
+
+    def log_message(self, *args):  # keep pytest output clean
+        pass
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """(base URL, served folder, archive md5, archive contents)."""
+    root = tmp_path_factory.mktemp("www")
+    contents = make_cifar_archive(root / "cifar-10-python.tar.gz")
+    blob = (root / "cifar-10-python.tar.gz").read_bytes()
+    (root / "corrupt.tar.gz").write_bytes(blob[:100] + bytes([blob[100] ^ 0xFF]) + blob[101:])
+    (root / "truncated.tar.gz").write_bytes(blob[: len(blob) // 2])
+    handler = partial(_Handler, directory=str(root))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        base = f"http://127.0.0.1:{server.server_port}"
+        yield base, root, md5(root / "cifar-10-python.tar.gz"), contents
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def closed_url():
+    """A URL on a port nothing listens on: the connection is refused at once."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}/cifar-10-python.tar.gz"
+
+
+def assert_nothing_left(data_root: Path) -> None:
+    """No dataset folder, no .part file, no temporary folder."""
+    left = sorted(p.name for p in data_root.iterdir()) if data_root.exists() else []
+    assert left == [], f"left behind: {left}"
+
+
+def assert_cifar_layout(out: Path, contents: dict) -> None:
+    meta = load_meta(out)
+    n_train = 5 * PER_BATCH
+    assert meta["name"] == "cifar10" and meta["classes"] == CLASSES and meta["num_classes"] == 10
+    assert meta["image_shape"] == [32, 32, 3]
+    assert (meta["n_train"], meta["n_test"]) == (n_train, N_TEST)
+    for name in ("train.npz", "test.npz"):
+        assert meta["sha256"][name] == hashlib.sha256((out / name).read_bytes()).hexdigest()
+    images, labels = load_split(out, "train", verify=True)
+    assert tuple(images.shape) == (n_train, 32, 32, 3) and str(images.dtype) == "torch.uint8"
+    assert tuple(labels.shape) == (n_train,) and str(labels.dtype) == "torch.int64"
+    assert labels.tolist() == contents["train_labels"]
+    # b'data' rows are channels-first, row-major: index c * 1024 + row * 32 + col.
+    n, row, col, ch = 7, 5, 9, 2
+    pixel = contents["train_data"][n, ch * 1024 + row * 32 + col]
+    assert int(images[n, row, col, ch]) == int(pixel)
+    expected = contents["train_data"].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    assert np.array_equal(images.numpy(), expected)
+    test_images, test_labels = load_split(out, "test")
+    assert tuple(test_images.shape) == (N_TEST, 32, 32, 3)
+    assert test_labels.tolist() == contents["test_labels"]
+    assert int(test_images[1, 0, 31, 0]) == int(contents["test_data"][1, 31])
+
+
+# --- CIFAR-10 ---------------------------------------------------------------------------
+
+
+def test_download_verify_extract(served, tmp_path):
+    base, _, digest, contents = served
+    out = tmp_path / "data" / "cifar10"
+    out.mkdir(parents=True)  # as Snakemake leaves it: an empty output folder
+    prepare_cifar10(out, url=f"{base}/cifar-10-python.tar.gz", md5=digest)
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "test.npz", "train.npz"]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["cifar10"]  # archive and temp gone
+    assert_cifar_layout(out, contents)
+
+
+@pytest.mark.parametrize("served_name, which_md5", [
+    ("corrupt.tar.gz", "official"),     # one flipped byte
+    ("truncated.tar.gz", "official"),   # checksum catches the short file
+    ("truncated.tar.gz", "own"),        # checksum passes, extraction must catch it
+])
+def test_bad_archive_is_rejected_and_nothing_is_left(served, tmp_path, served_name, which_md5):
+    base, root, digest, _ = served
+    if which_md5 == "own":
+        digest = md5(root / served_name)
+    data_root = tmp_path / "data"
+    with pytest.raises(DataError) as err:
+        prepare_cifar10(data_root / "cifar10", url=f"{base}/{served_name}", md5=digest)
+    message = str(err.value)
+    expected = "md5 is" if which_md5 == "official" else "truncated or corrupted"
+    assert expected in message
+    assert "data.cifar10.mirror" in message and "data.cifar10.archive" in message
+    assert "dvc pull" in message
+    assert_nothing_left(data_root)
+
+
+def test_connection_closed_early_is_rejected(served, tmp_path):
+    base, _, digest, _ = served
+    with pytest.raises(DataError, match=r"closed after \d+ of \d+ bytes|IncompleteRead|incomplete"):
+        prepare_cifar10(tmp_path / "data" / "cifar10", url=f"{base}/short/cifar-10-python.tar.gz",
+                        md5=digest)
+    assert_nothing_left(tmp_path / "data")
+
+
+def test_unreachable_url_gives_a_clear_error(served, tmp_path, closed_url):
+    _, _, digest, _ = served
+    with pytest.raises(DataError) as err:
+        prepare_cifar10(tmp_path / "data" / "cifar10", url=closed_url, md5=digest, timeout=5)
+    message = str(err.value)
+    assert closed_url in message and "refused" in message.lower()
+    assert "set data.cifar10.mirror" in message and "dvc pull" in message
+    assert_nothing_left(tmp_path / "data")
+
+
+def test_mirror_is_tried_after_the_primary_fails(served, tmp_path, closed_url):
+    base, _, digest, contents = served
+    direct = tmp_path / "direct" / "cifar10"
+    prepare_cifar10(direct, url=f"{base}/cifar-10-python.tar.gz", md5=digest)
+    # refused, 404, wrong md5
+    for primary in (closed_url, f"{base}/missing.tar.gz", f"{base}/corrupt.tar.gz"):
+        out = tmp_path / "data" / "cifar10"
+        prepare_cifar10(out, url=primary, mirror=f"{base}/cifar-10-python.tar.gz", md5=digest)
+        assert_cifar_layout(out, contents)
+        # Same bytes whichever route the archive took (meta names the md5, not the URL).
+        for name in ("train.npz", "test.npz", "meta.json"):
+            assert (out / name).read_bytes() == (direct / name).read_bytes()
+
+
+def test_local_archive_needs_no_server(served, tmp_path):
+    _, root, digest, contents = served
+    archive = tmp_path / "copy" / "cifar-10-python.tar.gz"
+    archive.parent.mkdir()
+    shutil.copy(root / "cifar-10-python.tar.gz", archive)
+    out = tmp_path / "data" / "cifar10"
+    prepare_cifar10(out, url="http://127.0.0.1:9/unused", md5=digest, archive=archive)
+    assert_cifar_layout(out, contents)
+    assert archive.exists()  # a local copy is read, never moved
+
+
+def test_local_archive_with_wrong_md5_is_rejected(served, tmp_path):
+    _, root, _, _ = served
+    with pytest.raises(DataError, match="md5 is .* expected"):
+        prepare_cifar10(tmp_path / "data" / "cifar10", url="http://127.0.0.1:9/unused",
+                        md5="0" * 32, archive=root / "cifar-10-python.tar.gz")
+    assert_nothing_left(tmp_path / "data")
+
+
+def test_failed_refresh_keeps_the_previous_dataset(served, tmp_path, closed_url):
+    base, _, digest, contents = served
+    out = tmp_path / "data" / "cifar10"
+    prepare_cifar10(out, url=f"{base}/cifar-10-python.tar.gz", md5=digest)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(DataError):
+        prepare_cifar10(out, url=closed_url, md5=digest)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in out.parent.iterdir()) == ["cifar10"]
+
+
+# --- the shared download path -------------------------------------------------------------
+
+
+def test_fetch_verifies_sha256_and_renames_atomically(served, tmp_path):
+    base, root, _, _ = served
+    blob = (root / "truncated.tar.gz").read_bytes()
+    dest = tmp_path / "dl" / "file.bin"
+    fetch(f"{base}/truncated.tar.gz", dest, ("sha256", hashlib.sha256(blob).hexdigest()))
+    assert dest.read_bytes() == blob
+    with pytest.raises(DataError, match="sha256 is"):
+        fetch(f"{base}/truncated.tar.gz", tmp_path / "dl2" / "file.bin", ("sha256", "0" * 64))
+    assert list((tmp_path / "dl2").iterdir()) == []
+
+
+def test_extract_archive_replaces_atomically_and_rejects_garbage(tmp_path):
+    import zipfile
+    archive = tmp_path / "a.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("top/x.txt", "new")
+    dest = tmp_path / "out"
+    dest.mkdir()
+    (dest / "old.txt").write_text("old")
+    extract_archive(archive, dest)
+    assert [p.relative_to(dest).as_posix() for p in sorted(dest.rglob("*"))] == ["top", "top/x.txt"]
+    (tmp_path / "junk.tar.gz").write_bytes(b"not an archive at all")
+    with pytest.raises(DataError, match="cannot extract"):
+        extract_archive(tmp_path / "junk.tar.gz", tmp_path / "junk")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.zip", "junk.tar.gz", "out"]
+
+
+# --- the command and the Snakemake rule -------------------------------------------------
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def test_cli_command(served, tmp_path, closed_url):
+    base, _, digest, contents = served
+    def command(out, url, *extra):
+        return subprocess.run([sys.executable, "-m", "pipeline", "data", "cifar10", "--out", out,
+                               "--url", url, "--md5", digest, "--mirror", "", *extra],
+                              cwd=tmp_path, capture_output=True, text=True, env=_env())
+
+    ok = command("data/cifar10", f"{base}/cifar-10-python.tar.gz")
+    assert ok.returncode == 0, ok.stderr
+    assert_cifar_layout(tmp_path / "data" / "cifar10", contents)
+    failed = command("elsewhere/cifar10", closed_url, "--timeout", "5")
+    assert failed.returncode == 1
+    assert failed.stderr.startswith("error: could not download")
+    assert "Traceback" not in failed.stderr
+    assert not (tmp_path / "elsewhere" / "cifar10").exists()
+
+
+def test_snakemake_rules(served, tmp_path, repo_root):
+    """The real rules (workflow/rules/data.smk) under the real common.smk, against the server."""
+    import yaml
+
+    base, _, digest, contents = served
+    params = yaml.safe_load((repo_root / "params.yaml").read_text())
+    params["data"]["cifar10"].update(url=f"{base}/cifar-10-python.tar.gz", md5=digest)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    (tmp_path / "Snakefile").write_text(
+        'configfile: "params.yaml"\n'
+        f'include: "{repo_root}/workflow/rules/common.smk"\n'
+        f'include: "{repo_root}/workflow/rules/data.smk"\n')
+    run = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "2",
+                          "--workflow-profile", "none", "download_cifar10", "export_digits"],
+                         cwd=tmp_path, capture_output=True, text=True, env=_env())
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert_cifar_layout(tmp_path / "data" / "cifar10", contents)
+    assert load_meta(tmp_path / "data" / "digits")["n_train"] == 1437
+    for rule in ("download_cifar10", "export_digits"):
+        assert (tmp_path / "logs" / f"{rule}.log").exists()
+        assert (tmp_path / "benchmarks" / "rules" / f"{rule}.tsv").exists()
+
+
+# --- ImageNet: a user-provided ImageFolder tree ----------------------------------------
+
+
+def _image_tree(root: Path, classes=("n01", "n02"), per_class=(3, 2)) -> Path:
+    from PIL import Image
+
+    for split, count in zip(("train", "val"), per_class):
+        for name in classes:
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                Image.new("RGB", (4, 4), (i * 40, 0, 0)).save(folder / f"{name}_{i}.png")
+    return root
+
+
+def test_imagenet_tree_passes_and_manifest_is_written(tmp_path):
+    root = _image_tree(tmp_path / "imagenet")
+    # Not an image: skipped, as ImageFolder skips it.
+    (root / "train" / "n01" / "notes.txt").write_text("not an image")
+    manifest = tmp_path / "data" / "imagenet" / "manifest.json"
+    validate_imagenet(root, manifest)
+    written = json.loads(manifest.read_text())
+    assert written["classes"] == ["n01", "n02"] and written["num_classes"] == 2
+    assert written["counts"] == {"train": {"n01": 3, "n02": 3}, "val": {"n01": 2, "n02": 2}}
+    assert (written["n_train"], written["n_val"]) == (6, 4)
+    assert written["root"] == str(root.resolve())
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("unset", "data.imagenet.root is not set"),
+    ("no_root", "is not a directory"),
+    ("no_val", "val: missing"),
+    ("empty_class", "n02: no images"),
+    ("class_mismatch", "different classes"),
+    ("bad_image", "not a readable image"),
+])
+def test_imagenet_malformed_tree_fails_clearly(tmp_path, damage, message):
+    root = _image_tree(tmp_path / "imagenet")
+    if damage == "no_root":
+        shutil.rmtree(root)
+    elif damage == "no_val":
+        shutil.rmtree(root / "val")
+    elif damage == "empty_class":
+        for image in (root / "train" / "n02").iterdir():
+            image.unlink()
+    elif damage == "class_mismatch":
+        shutil.rmtree(root / "val" / "n02")
+    elif damage == "bad_image":
+        (root / "val" / "n01" / "n01_0.png").write_bytes(b"garbage")
+    manifest = tmp_path / "data" / "imagenet" / "manifest.json"
+    manifest.parent.mkdir(parents=True)  # as Snakemake leaves it
+    with pytest.raises(DataError, match=message) as err:
+        validate_imagenet(None if damage == "unset" else root, manifest)
+    if damage != "bad_image":  # structural damage: the message says what the tree must look like
+        assert "ImageFolder" in str(err.value)
+    assert not manifest.parent.exists()

@@ -1,0 +1,200 @@
+"""pipeline/tracking.py: one SQLite store shared by parallel jobs, failure, resume, off switch.
+
+The store is created once by ``init_store`` (as the ``init_tracking`` rule does);
+then jobs write into it concurrently, each from its own process.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import subprocess
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import params_hash
+from pipeline.tracking import NullRun, init_store, start_run
+
+N_JOBS = 8
+N_STEPS = 1500  # > MLflow's 1000 metric entries per log_batch: needs two batches per curve
+
+JOB = textwrap.dedent("""
+    import json, sys
+    from pathlib import Path
+    from pipeline.tracking import start_run
+
+    uri, artifacts, i, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), Path(sys.argv[4])
+    params = {"job": i, "grid": {"k": [1, 2, 3], "lam": 0.5}}
+    tags = {"study": "synthetic", "rule": "fake_job", "wildcards": f"i={i}",
+            "params_hash": sys.argv[5]}
+    steps = list(range(%(n)d))
+    with start_run(uri, "parallel", f"job {i}", tags, params, artifacts) as run:
+        run.log_curves({"loss": [i + 1.0 / (s + 1) for s in steps]}, steps)
+        run.log_metrics({"final": float(i), "seconds": 0.5})
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "result.json").write_text(json.dumps({"job": i}))
+        run.log_artifact(out / "result.json")
+        print(run.run_id)
+""") % {"n": N_STEPS}
+
+
+def _client(uri):
+    from mlflow.tracking import MlflowClient
+    return MlflowClient(tracking_uri=uri)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, venv_bin):
+    """One store for the module, created once by ``python -m pipeline init-tracking`` (which
+    calls ``init_store``), as the init_tracking rule does before parallel jobs start."""
+    root = tmp_path_factory.mktemp("tracking")
+    uri = f"sqlite:///{root}/mlruns/mlflow.db"
+    artifacts = str(root / "mlruns" / "artifacts")
+    marker = root / "mlruns" / "sub" / ".ready"
+    proc = subprocess.run([str(venv_bin / "python"), "-m", "pipeline", "init-tracking",
+                           "--uri", uri, "--artifacts", artifacts,
+                           "--experiments", "synthetic", "ablations", "parallel",
+                           "--touch", str(marker)], capture_output=True, text=True, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return uri, artifacts, marker
+
+
+@pytest.mark.slow
+def test_parallel_jobs_share_one_store(store, tmp_path, repo_root, venv_bin):
+    uri, artifacts, _ = store
+    script = tmp_path / "job.py"
+    script.write_text(JOB)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([str(venv_bin / "python"), str(script), uri, artifacts, str(i),
+                               str(tmp_path / f"out{i}"), params_hash({"job": i})],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              cwd=repo_root, env=env)
+             for i in range(N_JOBS)]
+    outputs = [p.communicate(timeout=240) for p in procs]
+    for p, (out, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-3000:]
+    run_ids = {out.strip().splitlines()[-1] for out, _ in outputs}
+    assert len(run_ids) == N_JOBS
+
+    client = _client(uri)
+    exp = client.get_experiment_by_name("parallel")
+    runs = client.search_runs([exp.experiment_id], max_results=100)
+    assert {r.info.run_id for r in runs} == run_ids
+    for run in runs:
+        assert run.info.status == "FINISHED", run.info
+        i = int(run.data.params["job"])
+        tags = run.data.tags
+        assert tags["mlflow.runName"] == f"job {i}"
+        assert tags["study"] == "synthetic" and tags["rule"] == "fake_job"
+        assert tags["wildcards"] == f"i={i}"
+        assert tags["params_hash"] == params_hash({"job": i})
+        assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?", tags["git_commit"]), tags["git_commit"]
+        assert json.loads(run.data.params["grid.k"]) == [1, 2, 3]
+        assert run.data.params["grid.lam"] == "0.5"
+        assert run.data.metrics["final"] == float(i)
+        history = client.get_metric_history(run.info.run_id, "loss")
+        assert len(history) == N_STEPS, len(history)
+        by_step = {m.step: m.value for m in history}
+        assert sorted(by_step) == list(range(N_STEPS))
+        assert all(math.isclose(by_step[s], i + 1.0 / (s + 1)) for s in (0, 999, 1000, N_STEPS - 1))
+        assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["result.json"]
+    # the artifacts live under the experiment's folder of the configured artifact root
+    assert sorted(p.name for p in Path(artifacts, "parallel").glob("*/artifacts/*")) == \
+        ["result.json"] * N_JOBS
+
+
+def test_exception_marks_run_failed(store):
+    uri, artifacts, _ = store
+    with pytest.raises(RuntimeError, match="boom"):
+        with start_run(uri, "synthetic", "failing", {"study": "synthetic"}, {"x": 1},
+                       artifacts) as run:
+            run.log_metrics({"before": 1.0})
+            raise RuntimeError("boom")
+    info = _client(uri).get_run(run.run_id)
+    assert info.info.status == "FAILED"
+    assert "RuntimeError" in info.data.tags["failure_reason"]
+    assert "boom" in info.data.tags["failure_reason"]
+    assert info.data.metrics["before"] == 1.0
+
+
+def test_explicit_fail_is_not_overwritten(store):
+    uri, artifacts, _ = store
+    with start_run(uri, "synthetic", "diverged", {}, {}, artifacts) as run:
+        run.fail("loss became NaN")
+    info = _client(uri).get_run(run.run_id)
+    assert info.info.status == "FAILED"
+    assert info.data.tags["failure_reason"] == "loss became NaN"
+
+
+def test_resume_continues_the_same_run(store):
+    uri, artifacts, _ = store
+    params = {"model": {"width": 8}, "ks": [1, 2]}
+    with pytest.raises(KeyboardInterrupt):
+        with start_run(uri, "resume", "resumable", {"study": "ablations"}, params,
+                       artifacts) as run:  # "resume" does not exist yet: start_run creates it
+            run.log_curves({"loss": [float(s) for s in range(10)]}, list(range(10)))
+            first_id = run.run_id
+            raise KeyboardInterrupt  # a job killed by the scheduler
+    client = _client(uri)
+    assert client.get_run(first_id).info.status == "FAILED"
+
+    # the same params (MLflow refuses a changed value for a logged key) plus one new key
+    with start_run(uri, "resume", "resumable", {"study": "ablations"},
+                   {**params, "resumed_from_step": 10}, artifacts, run_id=first_id) as run:
+        assert run.run_id == first_id
+        run.log_curves({"loss": [float(s) for s in range(10, 20)]}, list(range(10, 20)))
+
+    exp = client.get_experiment_by_name("resume")
+    runs = client.search_runs([exp.experiment_id])
+    assert [r.info.run_id for r in runs] == [first_id], "resume must not create a second run"
+    run = client.get_run(first_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params == {"model.width": "8", "ks": "[1, 2]", "resumed_from_step": "10"}
+    history = client.get_metric_history(first_id, "loss")
+    assert sorted(m.step for m in history) == list(range(20))
+
+
+def test_curves_skip_nan(store):
+    uri, artifacts, _ = store
+    with start_run(uri, "synthetic", "nan", {}, {}, artifacts) as run:
+        run.log_curves({"c": [1.0, float("nan"), 3.0]}, [0, 1, 2])
+    history = _client(uri).get_metric_history(run.run_id, "c")
+    assert sorted((m.step, m.value) for m in history) == [(0, 1.0), (2, 3.0)]
+
+
+def test_none_uri_gives_null_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with start_run("none", "synthetic", "off", {"study": "x"}, {"a": 1}) as run:
+        assert isinstance(run, NullRun) and run.run_id is None
+        (tmp_path / "f.txt").write_text("x")
+        assert run.log_params({"b": 2}) is None
+        assert run.log_metrics({"m": 1.0}) is None
+        assert run.log_curves({"c": [1.0, 2.0]}, [0, 1]) is None
+        assert run.log_artifact(tmp_path / "f.txt") is None
+        assert run.set_tags({"t": "1"}) is None
+        assert run.fail("nothing") is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.txt"], "tracking off wrote files"
+    assert init_store("none", "ignored", ["synthetic"]) == {}
+    with pytest.raises(ValueError):  # errors still propagate with tracking off
+        with start_run("none", "synthetic", "off", {}, {}):
+            raise ValueError("x")
+
+
+def test_init_tracking_cli(store):
+    """The store fixture ran the CLI: marker written, experiments created where asked."""
+    uri, artifacts, marker = store
+    assert marker.is_file()
+    ids = json.loads(marker.read_text())["experiments"]
+    assert set(ids) == {"synthetic", "ablations", "parallel"}
+    client = _client(uri)
+    for name, exp_id in ids.items():
+        exp = client.get_experiment_by_name(name)
+        assert exp is not None and exp.experiment_id == exp_id
+        assert exp.artifact_location == Path(artifacts, name).resolve().as_uri()
+    # idempotent: a second call finds the same experiments (and adds a new one)
+    again = init_store(uri, artifacts, ["synthetic", "ablations", "parallel", "extra"])
+    assert {k: v for k, v in again.items() if k != "extra"} == ids
+    assert "extra" in again and again["extra"] not in ids.values()
