@@ -23,4 +23,5 @@ lint: $(STAMP)
 	$(VENV)/bin/snakemake --lint
 
 clean-results:
-	rm -rf results/ figures/ logs/ benchmarks/rules/ mlruns/ checkpoints/ .snakemake/
+	rm -rf results/synthetic results/ablations figures/synthetic figures/ablations
+	rm -rf logs/ benchmarks/rules/ mlruns/ checkpoints/ .snakemake/

@@ -17,10 +17,10 @@ import yaml
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-FIGURES = ["synthetic_cosine.png", "synthetic_cosine.pdf", "synthetic_solver_dynamics.png",
-           "synthetic_solver_dynamics.pdf", "synthetic_summary.csv", "synthetic_summary.md",
-           "ablations_table.csv", "ablations_table.md", "ablations_training.png",
-           "ablations_training.pdf"]
+FIGURES = [f"synthetic/synthetic_{name}" for name in (
+    "cosine.png", "cosine.pdf", "solver_dynamics.png", "solver_dynamics.pdf", "summary.csv",
+    "summary.md")] + [f"ablations/ablations_{name}" for name in (
+        "table.csv", "table.md", "training.png", "training.pdf")]
 
 
 def snakemake(workdir: Path, venv_bin: Path, *args: str) -> subprocess.CompletedProcess:
@@ -63,7 +63,7 @@ def test_every_figure_and_result_is_built(workflow):
         metrics = json.loads((workflow / f"results/ablations/{name}/metrics.json").read_text())
         assert metrics["status"] == "finished", metrics["reason"]
         assert metrics["epochs_completed"] == tiny["ablations"]["defaults"]["epochs"]
-    table = (workflow / "figures/ablations_table.md").read_text()
+    table = (workflow / "figures/ablations/ablations_table.md").read_text()
     assert "scale: default" in table and "dataset: digits" in table
     assert set(params["ablations"]["runs"]) <= set(re.findall(r"^\| (\w+)\s", table, re.M))
 

@@ -45,8 +45,8 @@ rule report_ablations:
         metrics=expand("results/ablations/{ablation}/metrics.json", ablation=ABLATION_NAMES),
         curves=expand("results/ablations/{ablation}/curves.csv", ablation=ABLATION_NAMES),
     output:
-        table=multiext("figures/ablations_table", ".csv", ".md"),
-        training=multiext("figures/ablations_training", ".png", ".pdf"),
+        table=multiext("figures/ablations/ablations_table", ".csv", ".md"),
+        training=multiext("figures/ablations/ablations_training", ".png", ".pdf"),
     params:
         dirs=expand("results/ablations/{ablation}", ablation=ABLATION_NAMES),
         baseline=ABLATIONS["baseline"],
@@ -58,4 +58,4 @@ rule report_ablations:
         "../../envs/pipeline.yaml"
     shell:
         "python -m pipeline report-ablations --results {params.dirs} --baseline {params.baseline}"
-        " --out figures > {log} 2>&1"
+        " --out figures/ablations > {log} 2>&1"

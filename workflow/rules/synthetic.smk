@@ -39,9 +39,9 @@ rule plot_synthetic:
         grids=expand("results/synthetic/Lh={Lh}/grid.csv", Lh=SYNTHETIC_LH),
         dynamics=expand("results/synthetic/Lh={Lh}/dynamics.csv", Lh=SYNTHETIC_LH),
     output:
-        cosine=multiext("figures/synthetic_cosine", ".png", ".pdf"),
-        dynamics=multiext("figures/synthetic_solver_dynamics", ".png", ".pdf"),
-        table=multiext("figures/synthetic_summary", ".csv", ".md"),
+        cosine=multiext("figures/synthetic/synthetic_cosine", ".png", ".pdf"),
+        dynamics=multiext("figures/synthetic/synthetic_solver_dynamics", ".png", ".pdf"),
+        table=multiext("figures/synthetic/synthetic_summary", ".csv", ".md"),
     params:
         dirs=expand("results/synthetic/Lh={Lh}", Lh=SYNTHETIC_LH),
     log:
@@ -51,4 +51,4 @@ rule plot_synthetic:
     conda:
         "../../envs/pipeline.yaml"
     shell:
-        "python -m pipeline plot-synthetic --results {params.dirs} --out figures > {log} 2>&1"
+        "python -m pipeline plot-synthetic --results {params.dirs} --out figures/synthetic > {log} 2>&1"
