@@ -150,3 +150,21 @@ def test_tracked_run_has_curves_tags_and_params(digits, tmp_path):
     for key in ("rho_dF_dh", "rho_dFlam_dh", "grad_norm_used", "grad_norm_exact", "test_acc",
                 "peak_memory_mb"):
         assert client.get_metric_history(run.info.run_id, key), key
+
+
+def test_one_epoch_on_cifar_format_data(tmp_path):
+    """The CIFAR code path: the test archive in the true format, exported by the real rule's
+    code, then one (short) epoch of training at 32x32x3."""
+    from test_data_download import make_cifar_archive, md5
+
+    from pipeline.data.cifar10 import prepare_cifar10
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    make_cifar_archive(archive)
+    data = tmp_path / "cifar10"
+    prepare_cifar10(data, url="http://127.0.0.1:9/unused", md5=md5(archive), archive=archive)
+    params = {**TINY, "epochs": 1, "batch_size": 4, "max_steps_per_epoch": 2, "dataset": "cifar10",
+              "estimator": "upg", "optimizer": "sgd", "lr": 0.1}
+    metrics = run_train("cifar", params, data, tmp_path / "out", tmp_path / "ck")
+    assert metrics["status"] == "finished" and metrics["dataset"] == "cifar10"
+    assert metrics["trainable_params"] == 158_986  # MDEQ-Tiny at 32x32x3, 10 classes
+    assert metrics["steps"] == 2 and metrics["final_test_acc"] is not None

@@ -366,6 +366,9 @@ def main(args) -> int:
     if checkpoint.exists():
         run_id = torch.load(checkpoint, map_location="cpu", weights_only=False).get("run_id")
     data = load_tensors(args.data, cfg.device)
+    if data["meta"]["name"] != cfg.dataset:
+        raise ValueError(f"--data {args.data} holds {data['meta']['name']!r}, but the ablation's "
+                         f"dataset is {cfg.dataset!r}")
     tags = {"study": "ablations", "ablation": args.name, "scale": args.scale,
             "dataset": data["meta"]["name"], "params_hash": phash, **json.loads(args.tags)}
     with tracking.start_run(args.tracking_uri, "ablations", args.name, tags,
