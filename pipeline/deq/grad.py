@@ -72,8 +72,8 @@ class EstimatorConfig:
     def __post_init__(self) -> None:
         if self.name not in ESTIMATORS:
             raise ValueError(f"unknown estimator {self.name!r}; valid names: {list(ESTIMATORS)}")
-        if self.k < 1:
-            raise ValueError(f"estimator k={self.k} must be >= 1")
+        if not isinstance(self.k, int) or isinstance(self.k, bool) or self.k < 1:
+            raise ValueError(f"estimator k={self.k!r} must be an integer >= 1")
         if not 0.0 < self.lam <= 1.0:
             raise ValueError(f"estimator lam={self.lam} must be in (0, 1]")
         self.backward_solver  # validates b_solver

@@ -1,0 +1,260 @@
+"""Tests for the forward/backward root solvers in ``pipeline.deq.solvers``.
+
+Every solver shares one signature ``solver(f, x0, max_iter, tol, stop_mode, ...)``
+and returns ``(x_best, SolverStats)``. These tests check that each one
+
+* reaches the tolerance on a contraction, in both stop modes;
+* reports failure honestly where it cannot converge (``converged`` False, a
+  ``reason``, the best iterate returned rather than the last);
+* stops on NaN / Inf with ``diverged`` True and a finite iterate;
+* is reachable through the registry, which rejects unknown names with a
+  ``ValueError`` that lists the valid ones.
+
+CPU, float64, a handful of unknowns: the whole file runs in about a second.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pipeline.deq import SOLVERS, SolverConfig, SolverStats, get_solver, solve
+from pipeline.deq.spectral import spectral_normalize
+
+DTYPE = torch.float64
+SOLVER_NAMES = ("fixed_point", "anderson", "broyden")
+
+
+def residuals(f, x: torch.Tensor) -> tuple[float, float]:
+    """(abs, rel) residual over the whole batch, as the solvers define it."""
+    fx = f(x)
+    abs_res = torch.linalg.vector_norm(fx - x).item()
+    return abs_res, abs_res / (torch.linalg.vector_norm(fx).item() + 1e-12)
+
+
+def contraction(n: int = 8, bsz: int = 3, lipschitz: float = 0.8, seed: int = 0):
+    """F(h) = tanh(h W + u) with ||W||_2 = ``lipschitz`` < 1: a contraction in h."""
+    g = torch.Generator().manual_seed(seed)
+    W = spectral_normalize(torch.randn(n, n, generator=g, dtype=DTYPE), lipschitz)
+    u = torch.randn(bsz, n, generator=g, dtype=DTYPE)
+    return (lambda h: torch.tanh(h @ W + u)), torch.zeros(bsz, n, dtype=DTYPE)
+
+
+def no_fixed_point(bsz: int = 2, n: int = 5, seed: int = 0):
+    """F(h) = h + 1 + sin(h)/2: F(h) - h >= 1/2 everywhere, so no solver can converge.
+
+    Residuals go up and down along any iteration, so the last iterate is
+    (in the cases used here) not the best one.
+    """
+    g = torch.Generator().manual_seed(seed)
+    return (lambda h: h + 1.0 + 0.5 * torch.sin(h)), 0.1 * torch.randn(bsz, n, generator=g,
+                                                                        dtype=DTYPE)
+
+
+class NaNAfter:
+    """Wraps F; returns NaN (or Inf) from the (n+1)-th call on."""
+
+    def __init__(self, f, n: int, value: float = math.nan):
+        self.f, self.n, self.value, self.calls = f, n, value, 0
+
+    def __call__(self, h):
+        self.calls += 1
+        out = self.f(h)
+        return torch.full_like(out, self.value) if self.calls > self.n else out
+
+
+# --------------------------------------------------------------------------- registry
+
+
+def test_registry_holds_the_three_solvers():
+    assert set(SOLVER_NAMES) <= set(SOLVERS)
+    for name in SOLVER_NAMES:
+        assert get_solver(name) is SOLVERS[name]
+
+
+def test_unknown_solver_name_raises_listing_valid_names():
+    with pytest.raises(ValueError) as err:
+        get_solver("newton")
+    for name in SOLVER_NAMES:
+        assert name in str(err.value)
+    with pytest.raises(ValueError) as err:
+        SolverConfig(name="newton")
+    for name in SOLVER_NAMES:
+        assert name in str(err.value)
+
+
+@pytest.mark.parametrize("kwargs", [dict(stop_mode="max"), dict(max_iter=-1)])
+def test_invalid_solver_config_raises(kwargs):
+    with pytest.raises(ValueError):
+        SolverConfig(**kwargs)
+
+
+def test_solve_dispatches_by_name():
+    f, x0 = contraction()
+    x, stats = solve(f, x0, SolverConfig("anderson", 60, 1e-10, "abs"))
+    assert isinstance(stats, SolverStats) and stats.converged
+    assert residuals(f, x)[0] <= 1e-10
+
+
+# --------------------------------------------------------------------------- contraction
+
+
+@pytest.mark.parametrize("stop_mode", ["abs", "rel"])
+@pytest.mark.parametrize("name", SOLVER_NAMES)
+def test_solver_reaches_tolerance_on_a_contraction(name, stop_mode):
+    f, x0 = contraction()
+    tol = 1e-10
+    x, stats = get_solver(name)(f, x0, 200, tol, stop_mode)
+    assert stats.converged and not stats.diverged
+    assert stats.reason == ""
+    abs_res, rel_res = residuals(f, x)
+    achieved = abs_res if stop_mode == "abs" else rel_res
+    assert achieved <= tol
+    # The stats describe the returned iterate.
+    assert stats.abs_residual == pytest.approx(abs_res, rel=1e-6, abs=1e-14)
+    assert stats.rel_residual == pytest.approx(rel_res, rel=1e-6, abs=1e-14)
+    assert len(stats.abs_trace) == len(stats.rel_trace) == stats.nstep + 1
+    # The fixed point is the same whichever solver finds it.
+    ref, _ = get_solver("fixed_point")(f, x0, 500, 1e-14, "abs")
+    torch.testing.assert_close(x, ref, atol=1e-8, rtol=0)
+
+
+def test_broyden_solves_a_linear_map_in_few_steps():
+    """The docstring example: h = h W + 1 with W = I/2 has h* = 2."""
+    W = 0.5 * torch.eye(3, dtype=DTYPE)
+    x, stats = get_solver("broyden")(lambda h: h @ W + 1.0, torch.zeros(2, 3, dtype=DTYPE),
+                                     20, 1e-10, "abs")
+    assert stats.converged and stats.nstep <= 3
+    torch.testing.assert_close(x, torch.full((2, 3), 2.0, dtype=DTYPE))
+
+
+@pytest.mark.parametrize("name", SOLVER_NAMES)
+def test_solver_accepts_any_trailing_shape(name):
+    """Solvers flatten per sample: a (B, C, H, W) state works like a (B, n) one."""
+    f, x0 = contraction(n=12)
+    x_flat, _ = get_solver(name)(f, x0, 100, 1e-10, "abs")
+    f4 = lambda h: f(h.reshape(3, 12)).reshape(3, 2, 3, 2)  # noqa: E731
+    x4, stats = get_solver(name)(f4, x0.reshape(3, 2, 3, 2), 100, 1e-10, "abs")
+    assert stats.converged and x4.shape == (3, 2, 3, 2)
+    torch.testing.assert_close(x4.reshape(3, 12), x_flat, atol=1e-8, rtol=0)
+
+
+@pytest.mark.parametrize("name", SOLVER_NAMES)
+def test_solver_returns_x0_untouched_when_already_converged(name):
+    f, x0 = contraction()
+    x_star, _ = get_solver("fixed_point")(f, x0, 500, 1e-14, "abs")
+    x, stats = get_solver(name)(f, x_star, 30, 1e-10, "abs")
+    assert stats.converged and stats.nstep == 0 and stats.best_step == 0
+    assert torch.equal(x, x_star) and x is not x_star
+
+
+def test_damped_fixed_point_converges_where_plain_iteration_oscillates():
+    """F(h) = -1.5 h + 1 (rho 1.5, fixed point 0.4): plain iteration diverges,
+    damping beta = 0.5 gives the map h -> -0.25 h + 0.5, a contraction."""
+    f = lambda h: -1.5 * h + 1.0  # noqa: E731
+    x0 = torch.zeros(2, 4, dtype=DTYPE)
+    _, plain = get_solver("fixed_point")(f, x0, 40, 1e-10, "abs")
+    assert not plain.converged
+    x, damped = get_solver("fixed_point")(f, x0, 40, 1e-10, "abs", damping=0.5)
+    assert damped.converged
+    torch.testing.assert_close(x, torch.full_like(x0, 0.4), atol=1e-9, rtol=0)
+
+
+def test_callback_sees_every_recorded_iterate():
+    f, x0 = contraction()
+    seen = []
+    _, stats = get_solver("broyden")(f, x0, 50, 1e-10, "abs",
+                                      callback=lambda step, x: seen.append(step))
+    assert seen == list(range(stats.nstep + 1))
+
+
+# --------------------------------------------------------------------------- honest failure
+
+
+def test_fixed_point_reports_failure_on_a_non_contraction():
+    """F(h) = 2h + 1 (rho 2): the iteration runs away from h* = -1."""
+    f = lambda h: 2.0 * h + 1.0  # noqa: E731
+    x0 = torch.zeros(2, 4, dtype=DTYPE)
+    x, stats = get_solver("fixed_point")(f, x0, 25, 1e-8, "abs")
+    assert not stats.converged and not stats.diverged
+    assert "not met" in stats.reason and "25 steps" in stats.reason
+    # Best iterate: x0 itself (the residual doubles each step), not the last one.
+    assert stats.best_step == 0
+    assert torch.equal(x, x0)
+    assert stats.abs_residual == min(stats.abs_trace)
+
+
+@pytest.mark.parametrize("name,max_iter", [("fixed_point", 30), ("anderson", 30),
+                                           ("broyden", 15)])
+def test_solver_returns_its_best_iterate_not_its_last(name, max_iter):
+    """On a problem without a fixed point the residual trace goes up and down;
+    the returned x must be the iterate of lowest residual (== min of the trace)."""
+    f, x0 = no_fixed_point()
+    x, stats = get_solver(name)(f, x0, max_iter, 1e-8, "abs")
+    assert not stats.converged and not stats.diverged
+    assert stats.reason, "a failed solve must say why"
+    assert "not met" in stats.reason
+    # The construction does what it should: the last iterate is not the best.
+    assert stats.best_step != len(stats.abs_trace) - 1
+    assert min(stats.abs_trace) < stats.abs_trace[-1]
+    abs_res, _ = residuals(f, x)
+    assert abs_res == pytest.approx(min(stats.abs_trace), rel=1e-12)
+    assert stats.abs_residual == pytest.approx(min(stats.abs_trace), rel=1e-12)
+    assert stats.abs_trace[stats.best_step] == min(stats.abs_trace)
+
+
+@pytest.mark.parametrize("name", SOLVER_NAMES)
+def test_best_iterate_in_rel_mode(name):
+    """The best iterate is chosen by the stop mode's residual.
+
+    (No ``converged`` check here: on this problem the relative residual can be
+    met honestly by an iterate that has run off to |h| ~ 1e9.)
+    """
+    f, x0 = no_fixed_point(seed=1)
+    x, stats = get_solver(name)(f, x0, 10, 1e-8, "rel")
+    _, rel_res = residuals(f, x)
+    assert rel_res == pytest.approx(min(stats.rel_trace), rel=1e-12)
+    assert stats.rel_residual == min(stats.rel_trace)
+
+
+# --------------------------------------------------------------------------- NaN / Inf
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+@pytest.mark.parametrize("name", SOLVER_NAMES)
+def test_non_finite_value_stops_the_solve(name, value):
+    f, x0 = contraction(lipschitz=0.95)
+    bad = NaNAfter(f, n=4, value=value)
+    x, stats = get_solver(name)(bad, x0, 50, 1e-14, "abs")
+    assert stats.diverged and not stats.converged
+    assert "non-finite" in stats.reason
+    assert torch.isfinite(x).all()
+    # It stopped at the first bad value instead of running the budget out.
+    assert bad.calls == 5
+    # The returned iterate is the best finite one seen.
+    assert all(math.isfinite(v) for v in stats.abs_trace)
+    assert stats.abs_residual == min(stats.abs_trace)
+    assert residuals(f, x)[0] == pytest.approx(min(stats.abs_trace), rel=1e-12)
+
+
+@pytest.mark.parametrize("name", SOLVER_NAMES)
+def test_non_finite_first_evaluation_returns_x0(name):
+    x0 = torch.ones(2, 3, dtype=DTYPE)
+    x, stats = get_solver(name)(lambda h: h * math.nan, x0, 10, 1e-8, "abs")
+    assert stats.diverged and not stats.converged and stats.reason
+    assert torch.equal(x, x0)
+
+
+@pytest.mark.parametrize("name", SOLVER_NAMES)
+def test_samples_do_not_mix(name):
+    """Each sample's fixed point is its own: solving the batch equals solving each
+    sample alone (Broyden and Anderson keep per-sample histories)."""
+    f, x0 = contraction(bsz=3)
+    x, stats = get_solver(name)(f, x0, 200, 1e-12, "abs")
+    assert stats.converged
+    for i in range(3):
+        fi = lambda h, i=i: f(torch.cat([x[:i], h, x[i + 1:]]))[i:i + 1]  # noqa: E731
+        xi, si = get_solver(name)(fi, x0[i:i + 1], 200, 1e-12, "abs")
+        assert si.converged
+        torch.testing.assert_close(x[i:i + 1], xi, atol=1e-10, rtol=0)
