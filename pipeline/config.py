@@ -62,9 +62,6 @@ def _check_semantics(params: dict) -> None:
         check("synthetic.forward.solver", syn["forward"]["solver"], SOLVERS)
         check("synthetic.dynamics.solver", syn["dynamics"]["solver"], SOLVERS)
     abl = params.get("ablations", {})
-    if abl and abl["baseline"] not in abl["runs"]:
-        raise ParamsError(f"invalid params.yaml:\n  ablations.baseline: {abl['baseline']!r} is not "
-                          f"one of the runs {sorted(abl['runs'])}")
     for name, run in abl.get("runs", {}).items():
         merged = {**abl.get("defaults", {}), **run}
         if "estimator" in merged:

@@ -10,6 +10,7 @@ T = TypeVar("T")
 
 def progress(items: Iterable[T], total: int | None = None, desc: str = "",
              every: float = 10.0, stream=None) -> Iterator[T]:
+    """Yield ``items``; ``every=math.inf`` silences the log lines (the bar stays on a terminal)."""
     stream = stream or sys.stderr
     if stream.isatty():
         from tqdm import tqdm
@@ -22,7 +23,7 @@ def progress(items: Iterable[T], total: int | None = None, desc: str = "",
         yield item
         done += 1
         now = time.monotonic()
-        if now - last >= every or done == total:
+        if now - last >= every or (done == total and every != float("inf")):
             last = now
             of = f"/{total}" if total else ""
             print(f"[{desc}] {done}{of} done, {now - start:.1f}s elapsed", file=stream, flush=True)

@@ -98,6 +98,7 @@ def test_resume_after_kill_continues_the_same_run(digits, tmp_path):
     assert "resumed from" in resumed.stdout
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["epochs_completed"] == 3
+    assert not list(ckpt_root.glob("resume/*/last.pt")), "a concluded run keeps no checkpoint"
 
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("ablations")
@@ -148,6 +149,7 @@ def test_tracked_run_has_curves_tags_and_params(digits, tmp_path):
     # the first step is pretraining (unrolled) — afterwards UPG: cosines are proper cosines
     assert all(-1.0 <= m.value <= 1.0 + 1e-6 for m in cos)
     for key in ("rho_dF_dh", "rho_dFlam_dh", "grad_norm_used", "grad_norm_exact", "test_acc",
+                "backward_speedup", "grad_s_used", "grad_s_implicit",
                 "peak_memory_mb"):
         assert client.get_metric_history(run.info.run_id, key), key
 

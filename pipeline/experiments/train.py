@@ -12,16 +12,18 @@ power method. Every epoch: test accuracy (best and final kept), peak memory.
 
 Checkpoints (model, optimizer, scheduler, RNG, MLflow run id) live outside the
 declared outputs, under ``<checkpoints>/<name>/<params hash>/``: a killed job resumes
-from its last epoch in the same MLflow run. A divergent run (NaN/Inf loss, a
+from its last epoch in the same MLflow run. A concluded run removes its checkpoint. A divergent run (NaN/Inf loss, a
 forward residual past ``diverge_residual``) stops; MLflow marks it FAILED with the
 reason and ``metrics.json`` says ``"status": "failed"``.
 """
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import resource
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +35,7 @@ import torch.nn.functional as Fn
 from pipeline.deq import (EstimatorConfig, SolverConfig, attach_estimator, implicit_layer,
                           jacobian_spectral_radius, solve)
 from pipeline.models.mdeq import MDEQ, MDEQConfig, unpack
+from pipeline.progress import progress
 
 Tensor = torch.Tensor
 
@@ -92,6 +95,13 @@ class TrainConfig:
     @property
     def pretrain_config(self) -> EstimatorConfig:
         return EstimatorConfig("unrolled", k=self.pretrain_layers)
+
+    @property
+    def implicit_config(self) -> EstimatorConfig:
+        """Implicit differentiation with this run's backward budget (MDEQ's b_thres): the
+        reference of the same-batch backward speedup."""
+        return EstimatorConfig("implicit", b_solver=self.b_solver, b_max_iter=self.b_max_iter,
+                               b_tol=self.b_tol)
 
     @property
     def exact_config(self) -> EstimatorConfig:
@@ -173,7 +183,9 @@ def evaluate(model, cfg: TrainConfig, images: Tensor, labels: Tensor) -> float:
 
 
 def diagnostics(model, cfg: TrainConfig, estimator: EstimatorConfig, x: Tensor, y: Tensor) -> dict:
-    """Gradient fidelity and spectral radii on one batch, one set of dropout masks, one h*."""
+    """Gradient fidelity, backward cost and spectral radii on one batch, one set of dropout
+    masks, one h*: the estimator used against the exact implicit gradient, and its time
+    against implicit differentiation with the run's b_thres (side by side, same state)."""
     params = [p for p in model.parameters() if p.requires_grad]
     buffers = {k: v.clone() for k, v in model.named_buffers()}  # BatchNorm stats stay untouched
     func, h0, shapes = model.problem(x)
@@ -189,7 +201,14 @@ def diagnostics(model, cfg: TrainConfig, estimator: EstimatorConfig, x: Tensor, 
         return torch.cat([(g if g is not None else torch.zeros_like(p)).flatten()
                           for g, p in zip(grads, params)])
 
-    used, exact = grad_of(estimator), grad_of(cfg.exact_config)
+    def timed(est: EstimatorConfig) -> tuple[Tensor, float]:
+        t0 = time.perf_counter()
+        g = grad_of(est)
+        return g, time.perf_counter() - t0
+
+    used, used_s = timed(estimator)
+    _, implicit_s = timed(cfg.implicit_config)
+    exact = grad_of(cfg.exact_config)
     gen = torch.Generator(device=x.device).manual_seed(cfg.seed)
     rho = jacobian_spectral_radius(func, h_star, 1.0, cfg.power_iters, gen).mean().item()
     rho_lam = jacobian_spectral_radius(func, h_star, cfg.lam, cfg.power_iters, gen).mean().item()
@@ -198,6 +217,8 @@ def diagnostics(model, cfg: TrainConfig, estimator: EstimatorConfig, x: Tensor, 
             v.copy_(buffers[k])
     return {"grad_cosine": Fn.cosine_similarity(used, exact, dim=0).item(),
             "grad_norm_used": used.norm().item(), "grad_norm_exact": exact.norm().item(),
+            "grad_s_used": used_s, "grad_s_implicit": implicit_s,
+            "backward_speedup": implicit_s / used_s,
             "rho_dF_dh": rho, "rho_dFlam_dh": rho_lam}
 
 
@@ -241,9 +262,10 @@ def train(cfg: TrainConfig, data: dict, tracker, checkpoint: Path | None = None,
         for epoch in range(state["epoch"], cfg.epochs):
             t_epoch = time.perf_counter()
             rows = []
-            for i, idx in enumerate(batches(len(y_train), cfg.batch_size, cfg.seed, epoch)):
-                if i >= steps_per_epoch:
-                    break
+            epoch_batches = itertools.islice(
+                batches(len(y_train), cfg.batch_size, cfg.seed, epoch), steps_per_epoch)
+            for idx in progress(epoch_batches, steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}",
+                                every=30.0):
                 step = state["step"]
                 pretraining = step < cfg.pretrain_steps
                 est = cfg.pretrain_config if pretraining else cfg.estimator_config
@@ -320,6 +342,8 @@ def _log_rows(tracker, rows: list) -> None:
 def _results(cfg: TrainConfig, state: dict, status: str, reason: str, n_params: int) -> dict:
     hist, totals = state["history"], state["step_totals"]
     n = max(1, totals["n"])
+    speedups = [r["backward_speedup"] for r in state["curves"]
+                if "backward_speedup" in r and not r["pretraining"]]
     return {
         "status": status, "reason": reason, "dataset": cfg.dataset,
         "estimator": cfg.estimator, "k": cfg.k, "lam": cfg.lam,
@@ -331,6 +355,8 @@ def _results(cfg: TrainConfig, state: dict, status: str, reason: str, n_params: 
         "peak_memory_mb": max((h["peak_memory_mb"] for h in hist), default=None),
         "mean_forward_s": totals["forward_s"] / n, "mean_backward_s": totals["backward_s"] / n,
         "mean_step_s": totals["step_s"] / n, "trainable_params": n_params,
+        # same batch, same h*: implicit (b_thres) gradient time / this estimator's
+        "backward_speedup_vs_implicit": sum(speedups) / len(speedups) if speedups else None,
         "history": hist, "curves": state["curves"],
     }
 
@@ -384,5 +410,8 @@ def main(args) -> int:
         write_json(results, out / "metrics.json")
         tracker.log_artifact(out / "metrics.json")
         tracker.log_artifact(out / "curves.csv")
+    # The run has concluded: its checkpoint only served an interrupted job, and must not
+    # turn a later forced rerun (say, after a code change) into a no-op resume.
+    shutil.rmtree(checkpoint.parent, ignore_errors=True)
     print(f"{args.name}: {results['status']} {results['reason']} best acc {results['best_test_acc']}")
     return 0

@@ -49,7 +49,6 @@ rule report_ablations:
         training=multiext("figures/ablations/ablations_training", ".png", ".pdf"),
     params:
         dirs=expand("results/ablations/{ablation}", ablation=ABLATION_NAMES),
-        baseline=ABLATIONS["baseline"],
     log:
         "logs/report_ablations.log",
     benchmark:
@@ -57,5 +56,5 @@ rule report_ablations:
     conda:
         "../../envs/pipeline.yaml"
     shell:
-        "python -m pipeline report-ablations --results {params.dirs} --baseline {params.baseline}"
+        "python -m pipeline report-ablations --results {params.dirs}"
         " --out figures/ablations > {log} 2>&1"
