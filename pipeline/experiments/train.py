@@ -217,7 +217,7 @@ def diagnostics(model, cfg: TrainConfig, estimator: EstimatorConfig, x: Tensor, 
             v.copy_(buffers[k])
     return {"grad_cosine": Fn.cosine_similarity(used, exact, dim=0).item(),
             "grad_norm_used": used.norm().item(), "grad_norm_exact": exact.norm().item(),
-            "grad_s_used": used_s, "grad_s_implicit": implicit_s,
+            "grad_used_s": used_s, "grad_implicit_s": implicit_s,
             "backward_speedup": implicit_s / used_s,
             "rho_dF_dh": rho, "rho_dFlam_dh": rho_lam}
 
