@@ -196,10 +196,8 @@ def implicit_layer(func: Func, h0: Tensor, solver: SolverConfig, estimator: Esti
     """
     est = estimator.effective
     if est.name == "unrolled":
-        if not (training and torch.is_grad_enabled()):
-            with torch.no_grad():
-                return unroll(func, h0, est.k), SolverStats()
-        return unroll(func, h0, est.k), SolverStats()
+        with torch.set_grad_enabled(training and torch.is_grad_enabled()):
+            return unroll(func, h0, est.k), SolverStats()
     if est.name == "bptt" and training and torch.is_grad_enabled():
         return _bptt(func, h0, solver)
 
