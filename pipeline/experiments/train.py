@@ -256,6 +256,7 @@ def train(cfg: TrainConfig, data: dict, tracker, checkpoint: Path | None = None,
         log(f"resumed from {checkpoint} at epoch {state['epoch']}")
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     tracker.set_tags({"trainable_params": n_params})
+    log(f"MDEQ-Tiny: {n_params:,} trainable parameters, {steps_per_epoch} steps per epoch")
     model.train()
     status, reason, rows = "finished", "", []
     try:

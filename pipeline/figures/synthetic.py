@@ -33,10 +33,11 @@ def load(result_dirs: list[str | Path]) -> dict[float, dict]:
 
 
 def _footer(fig, summary: dict) -> None:
-    fig.text(0.5, 0.005, f"scale: {summary['scale']} | {summary['pairs']} (u, y) pairs of "
+    # below the axes; savefig(bbox_inches="tight") keeps it in the image
+    fig.text(0.5, -0.01, f"scale: {summary['scale']} | {summary['pairs']} (u, y) pairs of "
              f"N x D = {summary.get('rows', '?')} x {summary.get('dim', '?')}, "
              f"{summary.get('dtype', '')} | exact gradient: dense solve",
-             ha="center", va="bottom", fontsize=8, color="0.35")
+             ha="center", va="top", fontsize=8, color="0.35")
 
 
 def save(fig, out_dir: Path, name: str) -> list[Path]:
@@ -66,6 +67,7 @@ def plot_cosine(study: dict, Lh: float):
     axes[0].set_ylabel("cosine similarity with the exact ∂L/∂u")
     axes[1].legend(fontsize=7, ncol=2, loc="lower right")
     fig.suptitle(f"Phantom gradient vs exact gradient, synthetic model, L_h = {Lh:g}")
+    fig.tight_layout()
     _footer(fig, summary)
     return fig
 
@@ -99,8 +101,8 @@ def plot_dynamics(studies: dict[float, dict]):
                                 fontsize=8)
     axes[0, 3].legend(fontsize=7)
     fig.suptitle("Backward linear system: Broyden vs phantom gradient (appendix Fig. 1)")
+    fig.tight_layout()
     _footer(fig, next(iter(studies.values()))["summary"])
-    fig.tight_layout(rect=(0, 0.02, 1, 0.98))
     return fig
 
 
