@@ -171,3 +171,12 @@ def test_one_epoch_on_cifar_format_data(tmp_path):
     assert metrics["status"] == "finished" and metrics["dataset"] == "cifar10"
     assert metrics["trainable_params"] == 158_986  # MDEQ-Tiny at 32x32x3, 10 classes
     assert metrics["steps"] == 2 and metrics["final_test_acc"] is not None
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a CUDA device is present")
+def test_cuda_without_a_gpu_fails_clearly(digits, tmp_path):
+    proc = subprocess.run(train_cmd("gpu", {**TINY, "device": "cuda"}, digits, tmp_path / "out",
+                                    tmp_path / "ck"), capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert "device='cuda' but no CUDA device is visible" in proc.stderr
+    assert not (tmp_path / "out").exists()

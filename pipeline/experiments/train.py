@@ -165,7 +165,15 @@ def make_scheduler(cfg: TrainConfig, opt, total_steps: int):
     raise ValueError(f"schedule {cfg.schedule!r}; valid: ['cosine', 'constant']")
 
 
+def clock(device: str) -> float:
+    """Wall time after the device's queued work has finished (CUDA runs asynchronously)."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def peak_memory_mb(device: str) -> float:
+    """CUDA: peak allocated since the epoch began. CPU: the process's peak RSS so far."""
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
@@ -202,9 +210,9 @@ def diagnostics(model, cfg: TrainConfig, estimator: EstimatorConfig, x: Tensor, 
                           for g, p in zip(grads, params)])
 
     def timed(est: EstimatorConfig) -> tuple[Tensor, float]:
-        t0 = time.perf_counter()
+        t0 = clock(cfg.device)
         g = grad_of(est)
-        return g, time.perf_counter() - t0
+        return g, clock(cfg.device) - t0
 
     used, used_s = timed(estimator)
     _, implicit_s = timed(cfg.implicit_config)
@@ -262,6 +270,8 @@ def train(cfg: TrainConfig, data: dict, tracker, checkpoint: Path | None = None,
     try:
         for epoch in range(state["epoch"], cfg.epochs):
             t_epoch = time.perf_counter()
+            if cfg.device.startswith("cuda"):
+                torch.cuda.reset_peak_memory_stats(cfg.device)  # peak memory is per epoch
             rows = []
             epoch_batches = itertools.islice(
                 batches(len(y_train), cfg.batch_size, cfg.seed, epoch), steps_per_epoch)
@@ -271,10 +281,10 @@ def train(cfg: TrainConfig, data: dict, tracker, checkpoint: Path | None = None,
                 pretraining = step < cfg.pretrain_steps
                 est = cfg.pretrain_config if pretraining else cfg.estimator_config
                 x, y = x_train[idx], y_train[idx]
-                t0 = time.perf_counter()
+                t0 = clock(cfg.device)
                 logits, stats = model(x, cfg.forward_solver, est)
                 loss = Fn.cross_entropy(logits, y)
-                t1 = time.perf_counter()
+                t1 = clock(cfg.device)
                 if not math.isfinite(loss.item()):
                     raise Divergence(f"non-finite loss {loss.item()} at step {step}")
                 if stats.diverged:
@@ -284,10 +294,10 @@ def train(cfg: TrainConfig, data: dict, tracker, checkpoint: Path | None = None,
                                      f"{cfg.diverge_residual:g} at step {step}")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
-                t2 = time.perf_counter()
+                t2 = clock(cfg.device)
                 opt.step()
                 sched.step()
-                t3 = time.perf_counter()
+                t3 = clock(cfg.device)
                 row = {"loss": loss.item(), "train_acc": (logits.argmax(1) == y).float().mean().item(),
                        "lr": opt.param_groups[0]["lr"], "forward_steps": stats.nstep,
                        "forward_rel_residual": stats.rel_residual if stats.rel_trace else float("nan"),
@@ -386,6 +396,10 @@ def main(args) -> int:
         torch.set_num_threads(args.threads)
     params = json.loads(args.params)
     cfg = TrainConfig.from_params(params)
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"ablation {args.name}: device={cfg.device!r} but no CUDA device is "
+                         "visible; run the paper scale on a GPU node (profiles/slurm) or set "
+                         "ablations.defaults.device: cpu")
     phash = params_hash(params)
     checkpoint = Path(args.checkpoints) / args.name / phash / "last.pt"
     checkpoint.parent.mkdir(parents=True, exist_ok=True)
