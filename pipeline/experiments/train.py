@@ -428,5 +428,7 @@ def main(args) -> int:
     # The run has concluded: its checkpoint only served an interrupted job, and must not
     # turn a later forced rerun (say, after a code change) into a no-op resume.
     shutil.rmtree(checkpoint.parent, ignore_errors=True)
+    if not any(checkpoint.parent.parent.iterdir()):
+        checkpoint.parent.parent.rmdir()
     print(f"{args.name}: {results['status']} {results['reason']} best acc {results['best_test_acc']}")
     return 0
