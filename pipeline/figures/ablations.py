@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.figures.synthetic import plt, save
+from pipeline.figures.common import plt, save
 from pipeline.io import atomic_path, read_json
 
 # The paper's ablation table could not be read (shared/reference/paper-numbers.md);

@@ -12,13 +12,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import pandas as pd
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from pipeline.io import atomic_path, read_json  # noqa: E402
+from pipeline.figures.common import plt, save
+from pipeline.io import atomic_path, read_json
 
 
 def load(result_dirs: list[str | Path]) -> dict[float, dict]:
@@ -38,17 +35,6 @@ def _footer(fig, summary: dict) -> None:
              f"N x D = {summary.get('rows', '?')} x {summary.get('dim', '?')}, "
              f"{summary.get('dtype', '')} | exact gradient: dense solve",
              ha="center", va="top", fontsize=8, color="0.35")
-
-
-def save(fig, out_dir: Path, name: str) -> list[Path]:
-    paths = []
-    for ext in ("png", "pdf"):
-        path = out_dir / f"{name}.{ext}"
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format=ext, dpi=150, bbox_inches="tight")
-        paths.append(path)
-    plt.close(fig)
-    return paths
 
 
 def plot_cosine(study: dict, Lh: float):
