@@ -71,17 +71,18 @@ import math
 import os
 import platform
 import statistics
+import sys
 import time
-import weakref
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from pipeline.deq import EstimatorConfig, SolverConfig, attach_estimator, solve
+from pipeline.memory import TensorMemory
+
+from benchmarks import diagnostics
 
 Tensor = torch.Tensor
 
@@ -99,51 +100,6 @@ COLUMNS = [
 
 
 # --------------------------------------------------------------------------- measurement
-
-
-class TensorMemory(TorchDispatchMode):
-    """Live bytes of the tensor storages that ATen ops create inside the context.
-
-    ``current`` / ``peak`` count from zero at entry; ``mark()`` starts a second peak,
-    ``peak_since_mark``, at the current level.
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.current = 0
-        self.peak = 0
-        self.peak_since_mark = 0
-        self._live: dict[int, int] = {}
-
-    def mark(self) -> None:
-        self.peak_since_mark = self.current
-
-    def _freed(self, key: int) -> None:
-        self.current -= self._live.pop(key, 0)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        inputs = {id(t.untyped_storage()) for t in tree_flatten((args, kwargs))[0]
-                  if isinstance(t, Tensor)}
-        for t in tree_flatten(out)[0]:
-            if not isinstance(t, Tensor):
-                continue
-            st = t.untyped_storage()
-            key = id(st)
-            if key in inputs:
-                continue  # a view of, or an in-place write to, an existing tensor
-            size = st.nbytes()
-            if key in self._live:  # an ``out=`` storage that was resized
-                self.current += size - self._live[key]
-                self._live[key] = size
-                continue
-            self._live[key] = size
-            self.current += size
-            weakref.finalize(st, self._freed, key)
-        self.peak = max(self.peak, self.current)
-        self.peak_since_mark = max(self.peak_since_mark, self.current)
-        return out
 
 
 class Probe:
@@ -598,6 +554,10 @@ def parse_args(argv=None):
                    help="figure path without extension; .png and .pdf are written")
     p.add_argument("--no-figure", action="store_true")
     p.add_argument("--silent", action="store_true")
+    p.add_argument("--no-diagnostics", action="store_true",
+                   help="skip benchmarks/diagnostics.py (diagnostics cost, reference quality)")
+    argv = sys.argv[1:] if argv is None else argv
+    diagnostics.add_arguments(p, quick="--quick" in argv)
     args = p.parse_args(argv)
     full = dict(batch=32, image_size=32, repeats=5, ks=[1, 2, 5, 10, 20], f_thres=22, b_thres=24)
     quick = dict(batch=4, image_size=8, repeats=1, ks=[1, 2], f_thres=3, b_thres=3)
@@ -616,6 +576,11 @@ def main(argv=None) -> list[dict]:
             print(f"wrote {path}")
     print(f"wrote {args.out_csv}")
     print(summary(rows))
+    if not args.no_diagnostics:
+        log = print if not args.silent else (lambda *a, **k: None)
+        diag = diagnostics.from_backward_args(args)
+        diagnostics.write_csv(diagnostics.run(diag, log), diag.csv)
+        print(f"wrote {diag.csv}")
     return rows
 
 

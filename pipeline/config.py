@@ -49,26 +49,59 @@ def validate(params: dict) -> None:
     _check_semantics(params)
 
 
+# Top-level blocks that are training studies: {defaults, runs}, one job per run.
+TRAIN_STUDIES = ("ablations",)
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    """``override`` over ``base``, recursively for dicts: a run's ``model:`` block changes
+    only the keys it names."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def study_run(params: dict, study: str, name: str) -> dict:
+    """One job's whole configuration: ``<study>.defaults`` deep-merged with ``runs.<name>``."""
+    block = params[study]
+    if name not in block["runs"]:
+        raise ParamsError(f"invalid params.yaml:\n  {study}.runs: no run {name!r}; runs: "
+                          f"{sorted(block['runs'])}")
+    return deep_merge(block["defaults"], block["runs"][name])
+
+
 def _check_semantics(params: dict) -> None:
     """Checks a JSON schema cannot express: names that must exist in the package registries."""
-    from pipeline.deq import ESTIMATORS, SOLVERS
+    from pipeline.deq import ESTIMATORS, LINEAR_SOLVERS, SOLVERS
+    from pipeline.experiments.tasks import TASKS
 
     def check(key: str, value: str, valid) -> None:
         if value not in valid:
             raise ParamsError(f"invalid params.yaml:\n  {key}: {value!r} is not one of {sorted(valid)}")
 
+    forward_solvers = sorted(set(SOLVERS) - set(LINEAR_SOLVERS))
     syn = params.get("synthetic", {})
     if syn:
-        check("synthetic.forward.solver", syn["forward"]["solver"], SOLVERS)
+        check("synthetic.forward.solver", syn["forward"]["solver"], forward_solvers)
         check("synthetic.dynamics.solver", syn["dynamics"]["solver"], SOLVERS)
-    abl = params.get("ablations", {})
-    for name, run in abl.get("runs", {}).items():
-        merged = {**abl.get("defaults", {}), **run}
-        if "estimator" in merged:
-            check(f"ablations.runs.{name}.estimator", merged["estimator"], ESTIMATORS)
-        for key in ("f_solver", "b_solver"):
-            if key in merged:
-                check(f"ablations.runs.{name}.{key}", merged[key], SOLVERS)
+    full = schema()
+    run_schema = {**full["$defs"]["run"], "$defs": full["$defs"]}
+    for study in TRAIN_STUDIES:
+        for name in params.get(study, {}).get("runs", {}):
+            merged = study_run(params, study, name)
+            where = f"{study}.runs.{name}"
+            for err in jsonschema.Draft202012Validator(run_schema).iter_errors(merged):
+                raise ParamsError(f"invalid params.yaml:\n  {where}.{_dotted(err.absolute_path)}: "
+                                  f"{err.message} (after merging with {study}.defaults)")
+            checks = (("task", TASKS), ("estimator", ESTIMATORS), ("f_solver", forward_solvers),
+                      ("b_solver", SOLVERS))
+            for key, valid in checks:
+                if key in merged:
+                    check(f"{where}.{key}", merged[key], valid)
 
 
 def resolve(params: dict, scale: str | None = None) -> dict:

@@ -27,6 +27,54 @@ os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
 
 MAX_BATCH = 1000  # MLflow's cap on metric entries per log_batch call
 
+# --- metric names: one name per quantity, the same in every study ------------------------
+# MLflow's compare view lines runs up by name; curves.csv uses the same names as columns.
+TRAIN_LOSS = "train/loss"
+TRAIN_LR = "train/lr"
+PRETRAINING = "train/pretraining"          # 1 on MDEQ's unrolled pretraining steps
+SOLVER_NSTEPS = "solver/nsteps"            # forward solver steps (summed over layers)
+SOLVER_REL_RESIDUAL = "solver/rel_residual"  # forward relative residual at h* (worst layer)
+TIME_FORWARD = "time/forward_s"            # training step: forward, loss included
+TIME_BACKWARD = "time/backward_s"          # training step: loss.backward()
+TIME_STEP = "time/step_s"                  # training step: forward + backward + optimizer
+TIME_DIAGNOSTICS = "time/diagnostics_s"    # the diagnostics of a step, timed on their own
+TIME_EPOCH = "time/epoch_s"                # an epoch's training steps, diagnostics excluded
+MEMORY_STEP_PEAK = "memory/step_peak_mb"   # tensor memory of one training step
+# Diagnostics (pipeline.experiments.diagnostics): the applied gradient against the
+# reference, the exact implicit gradient at the h* the forward solver found (GMRES, float64).
+GRAD_COS = "grad/cos_sim"                  # whole model
+GRAD_COS_PART = "grad/cos_sim_{part}"      # part in F, injection, head
+GRAD_NORM_L1 = "grad/norm_l1"              # the applied gradient
+GRAD_REF_NORM_L1 = "grad/ref_norm_l1"
+GRAD_REF_REL_RESIDUAL = "grad/ref_rel_residual"  # worst sample, worst layer
+GRAD_REF_NSTEPS = "grad/ref_nsteps"
+GRAD_REF_CONVERGED = "grad/ref_converged"  # 1: met its tolerance and replayed F matched
+GRAD_REF_REPLAY_MISMATCH = "grad/ref_replay_mismatch"  # ||F64(h*) - F(h*)|| / ||F(h*)||
+FORWARD_CONVERGED = "solver/converged"     # 1: forward residual met f_tol at this h*
+TIME_GRAD = "time/grad_s"                  # h* -> parameter gradients, this estimator
+TIME_GRAD_IMPLICIT = "time/grad_implicit_s"  # same, implicit with the run's b_thres
+GRAD_SPEEDUP = "time/grad_speedup_vs_implicit"
+RHO = "spectral/rho"                       # rho(dF/dh) at h*, power method
+RHO_LAMBDA = "spectral/rho_lambda"         # rho(dF_lam/dh), F_lam = (1-lam) I + lam F
+RHO_ITERS = "spectral/rho_iters"
+RHO_SETTLED = "spectral/rho_settled"
+RHO_LAMBDA_ITERS = "spectral/rho_lambda_iters"
+RHO_LAMBDA_SETTLED = "spectral/rho_lambda_settled"
+
+
+def eval_metric(name: str) -> str:
+    """Per-evaluation metric, e.g. ``eval/acc``."""
+    return f"eval/{name}"
+
+
+def best_eval_metric(name: str) -> str:
+    return f"eval/best_{name}"
+
+
+def train_metric(name: str) -> str:
+    """A task's per-step training metric, e.g. ``train/acc``."""
+    return f"train/{name}"
+
 
 def flatten(params: Mapping, prefix: str = "") -> dict[str, str]:
     """{"a": {"b": 1}} -> {"a.b": "1"}; lists are JSON-encoded."""
@@ -99,6 +147,10 @@ class NullRun:
     def set_tags(self, tags: Mapping[str, str]) -> None: ...
     def fail(self, reason: str) -> None: ...
 
+    def last_step(self, key: str) -> int | None:
+        """The highest step logged for metric ``key``; None if none (or tracking is off)."""
+        return None
+
 
 class Run(NullRun):
     """An open MLflow run; metrics go out in batches of at most 1000 entries."""
@@ -140,6 +192,10 @@ class Run(NullRun):
         for key, value in tags.items():
             _retry(self.client.set_tag, self.run_id, key, str(value))
 
+    def last_step(self, key: str) -> int | None:
+        history = _retry(self.client.get_metric_history, self.run_id, key)
+        return max((m.step for m in history), default=None)
+
     def fail(self, reason: str) -> None:
         self.set_tags({"failure_reason": reason[:5000]})
         _retry(self.client.set_terminated, self.run_id, "FAILED")
@@ -169,6 +225,8 @@ def start_run(uri: str, experiment: str, run_name: str, tags: Mapping[str, str],
                         run_name=run_name).info.run_id
     else:
         _retry(client.update_run, run_id, status="RUNNING")
+        if "failure_reason" in client.get_run(run_id).data.tags:  # an earlier, killed attempt's
+            _retry(client.delete_tag, run_id, "failure_reason")
     run = Run(client, run_id, batch_size)
     run.log_params(params)
     try:
@@ -180,6 +238,15 @@ def start_run(uri: str, experiment: str, run_name: str, tags: Mapping[str, str],
     else:
         if not getattr(run, "_terminated", False):
             _retry(client.set_terminated, run_id, "FINISHED")
+
+
+def add_run_arguments(parser) -> None:
+    """The tracking flags of every tracked command (the rules pass them via tracking_args())."""
+    parser.add_argument("--tracking-uri", default="none", help="MLflow store; none = off")
+    parser.add_argument("--tracking-batch-size", type=int, default=MAX_BATCH,
+                        help="metric entries per log_batch call (at most 1000)")
+    parser.add_argument("--artifacts", default="mlruns/artifacts")
+    parser.add_argument("--tags", default="{}", help="extra MLflow tags, JSON (rule, wildcards)")
 
 
 def add_arguments(parser) -> None:

@@ -28,7 +28,8 @@ EXPECTED_COLUMNS = {
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     cmd = [sys.executable, "-m", "benchmarks.backward", "--quick", "--silent",
-           "--out-csv", str(out / "backward.csv"), "--out-fig", str(out / "fig" / "backward")]
+           "--out-csv", str(out / "backward.csv"), "--out-fig", str(out / "fig" / "backward"),
+           "--diag-csv", str(out / "diagnostics.csv")]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(out / "backward.csv", newline="") as fh:
@@ -48,8 +49,15 @@ def test_quick_run_writes_a_tidy_csv(quick_run):
         assert r["batch"] == "4"
         for col in ("forward_s", "backward_s", "grad_s", "step_s", "peak_mem_mb"):
             assert float(r[col]) > 0, (r["impl"], r["estimator"], col)
-        assert float(r["grad_s"]) == pytest.approx(
-            float(r["est_forward_s"]) + float(r["backward_s"]), rel=0.5)
+    # Every estimator of ours starts from one z*: one forward solve, the same residual.
+    ours = [r for r in rows if r["impl"] == "ours"]
+    assert len({(r["fwd_nstep"], r["fwd_rel_residual"]) for r in ours}) == 1
+    # Only implicit differentiation runs a backward solver.
+    for r in ours:
+        if r["estimator"] == "implicit":
+            assert int(r["bwd_nstep"]) >= 1
+        else:
+            assert r["bwd_nstep"] == "", r
 
 
 def test_quick_run_memory_grows_with_k_for_upg_only(quick_run):
@@ -59,6 +67,22 @@ def test_quick_run_memory_grows_with_k_for_upg_only(quick_run):
     assert mem[("ours", "upg", "2")] > 1.3 * mem[("ours", "upg", "1")]
     assert mem[("ours", "npg", "2")] < 1.3 * mem[("ours", "npg", "1")]
     assert mem[("ours", "upg", "2")] == pytest.approx(mem[("torchdeq", "upg", "2")], rel=0.1)
+
+
+def test_quick_run_measures_the_diagnostics_and_the_reference(quick_run):
+    out, _, stdout = quick_run
+    with open(out / "diagnostics.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    cost = {r["shape"]: r for r in rows if r["part"] == "cost"}
+    assert set(cost) == {"digits", "cifar_shape"}
+    for r in cost.values():
+        assert int(r["diagnostics"]) >= 1 and int(r["steps"]) > int(r["diagnostics"])
+        assert float(r["diagnostics_s"]) > 0 and float(r["step_s"]) > 0
+    ref = [r for r in rows if r["part"] == "reference"]
+    assert len(ref) == 3 and "GMRES" in ref[-1]["case"]
+    assert float(ref[-1]["cos_F_vs_gmres"]) == pytest.approx(1.0, abs=1e-9)  # itself
+    assert float(ref[-1]["rel_residual"]) <= 1e-8  # the reference met its tolerance
+    assert "wrote" in stdout and "diagnostics.csv" in stdout
 
 
 def test_quick_run_writes_the_figure_and_a_summary(quick_run):

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import ParamsError, load, resolve, validate
+from pipeline.config import ParamsError, deep_merge, load, resolve, study_run, validate
 from pipeline.config import main as config_main
-from pipeline.deq import SOLVERS
+from pipeline.deq import LINEAR_SOLVERS, SOLVERS
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +111,67 @@ def test_unknown_solver_lists_valid_names(raw, key):
     params["synthetic"][key]["solver"] = "newton"
     message = _rejects(params, f"synthetic.{key}.solver", "newton")
     for name in SOLVERS:
-        assert name in message, f"valid solver {name!r} not listed:\n{message}"
+        if key == "forward" and name in LINEAR_SOLVERS:
+            assert name not in message, f"{name!r} solves linear systems only:\n{message}"
+        else:
+            assert name in message, f"valid solver {name!r} not listed:\n{message}"
+
+
+def test_gmres_is_refused_as_a_forward_solver(raw):
+    params = copy.deepcopy(raw)
+    params["ablations"]["runs"]["mdeq"]["f_solver"] = "gmres"
+    _rejects(params, "ablations.runs.mdeq.f_solver", "'gmres'")
+    params["ablations"]["runs"]["mdeq"] = {"b_solver": "gmres"}  # a backward solver it is
+    resolve(params)
+
+
+# --- training runs: defaults deep-merged with one entry ------------------------------------
+
+def test_a_run_model_block_changes_only_the_keys_it_names(raw):
+    params = resolve(raw)
+    run = study_run(params, "ablations", "no_dropout")
+    defaults = params["ablations"]["defaults"]
+    assert run["model"] == {**defaults["model"], "dropout": 0.0}
+    assert {k: v for k, v in run.items() if k != "model"} == \
+        {k: v for k, v in defaults.items() if k != "model"}
+    assert deep_merge({"a": {"b": 1, "c": 2}}, {"a": {"c": 3}}) == {"a": {"b": 1, "c": 3}}
+
+
+def test_unknown_run_key_names_the_run(raw):
+    params = copy.deepcopy(raw)
+    params["ablations"]["runs"]["sgd"]["epoch"] = 3
+    _rejects(params, "ablations.runs.sgd", "epoch")
+
+
+@pytest.mark.parametrize("model, fragments", [
+    ({"widths": [8]}, ["ablations.runs.mdeq.model", "widths"]),
+    ({"preset": "huge"}, ["ablations.runs.mdeq.model.preset", "huge", "large_cifar"]),
+    ({"dropout": 1.5}, ["ablations.runs.mdeq.model.dropout", "1.5"]),
+])
+def test_bad_model_block_is_refused_before_any_job(raw, model, fragments):
+    params = copy.deepcopy(raw)
+    params["ablations"]["runs"]["mdeq"]["model"] = model
+    _rejects(params, *fragments)
+
+
+def test_unknown_task_lists_the_valid_ones(raw):
+    params = copy.deepcopy(raw)
+    params["ablations"]["runs"]["mdeq"]["task"] = "text"
+    _rejects(params, "ablations.runs.mdeq.task", "'text'", "image")
+
+
+def test_train_config_defaults_are_the_params_yaml_defaults(raw):
+    """Dataclass defaults must not contradict params.yaml, the one source of truth."""
+    import dataclasses
+
+    from pipeline.experiments.train import TrainConfig
+    defaults = raw["ablations"]["defaults"]
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    assert set(defaults) == set(fields), set(defaults) ^ set(fields)
+    built = TrainConfig()
+    for key, value in defaults.items():
+        assert getattr(built, key) == value, key
+    assert TrainConfig.from_params(study_run(resolve(raw), "ablations", "mdeq")) == built
 
 
 def test_unknown_top_level_key(raw):

@@ -258,3 +258,93 @@ def test_samples_do_not_mix(name):
         xi, si = get_solver(name)(fi, x0[i:i + 1], 200, 1e-12, "abs")
         assert si.converged
         torch.testing.assert_close(x[i:i + 1], xi, atol=1e-10, rtol=0)
+
+
+# --- GMRES: the reference's linear solver -----------------------------------------------------
+
+def linear_system(n: int = 40, bsz: int = 4, rho: float = 1.5, seed: int = 0):
+    """f(x) = M_b x + c_b per sample, with a spectral radius near ``rho`` > 1: fixed-point
+    iteration diverges, while (I - M) stays invertible."""
+    g = torch.Generator().manual_seed(seed)
+    M = torch.randn(bsz, n, n, generator=g, dtype=DTYPE) * rho / n ** 0.5
+    c = torch.randn(bsz, n, generator=g, dtype=DTYPE)
+    exact = torch.linalg.solve(torch.eye(n, dtype=DTYPE) - M, c)
+    return (lambda x: torch.einsum("bij,bj->bi", M, x) + c), M, c, exact
+
+
+def test_gmres_matches_a_dense_solve_where_fixed_point_iteration_diverges():
+    f, M, c, exact = linear_system()
+    assert torch.linalg.eigvals(M[0]).abs().max() > 1.2  # the case GMRES is here for
+    x, stats = solve(f, torch.zeros_like(c), SolverConfig("gmres", 200, 1e-12, restart=60))
+    assert stats.converged and stats.reason == ""
+    torch.testing.assert_close(x, exact, rtol=0, atol=1e-9)
+    assert len(stats.sample_rel_residual) == 4 and max(stats.sample_rel_residual) <= 1e-12
+    # the residuals are recomputed from f, not taken from the Arnoldi estimate
+    true = torch.linalg.vector_norm(f(x) - x, dim=1) / torch.linalg.vector_norm(c, dim=1)
+    torch.testing.assert_close(torch.tensor(stats.sample_rel_residual, dtype=DTYPE), true,
+                               rtol=1e-6, atol=1e-14)  # float64 rounding below 1e-14
+    _, fp = solve(f, torch.zeros_like(c), SolverConfig("fixed_point", 200, 1e-12))
+    assert not fp.converged
+
+
+def test_gmres_agrees_with_scipy_including_a_stalling_restart():
+    """Per sample, the same iterates as scipy.sparse.linalg.gmres: a short restart stalls
+    for both (the note in SolverConfig), a long one converges for both."""
+    import numpy as np
+    import scipy.sparse.linalg as sla
+    f, M, c, exact = linear_system(n=60, bsz=2, rho=1.6, seed=3)
+    for restart, iters in ((5, 300), (60, 60)):
+        x, stats = solve(f, torch.zeros_like(c), SolverConfig("gmres", iters, 1e-10, restart=restart))
+        for b in range(2):
+            A = (torch.eye(60, dtype=DTYPE) - M[b]).numpy()
+            ref, _ = sla.gmres(A, c[b].numpy(), rtol=1e-10, atol=0, restart=restart,
+                               maxiter=iters // restart)
+            ref_res = np.linalg.norm(c[b].numpy() - A @ ref) / np.linalg.norm(c[b].numpy())
+            ours = stats.sample_rel_residual[b]
+            if restart == 5:
+                assert ours > 1e-3 and ref_res > 1e-3, (ours, ref_res)  # both stall
+                assert ours == pytest.approx(ref_res, rel=0.05)
+            else:
+                assert ours <= 1e-10 and ref_res <= 1e-9
+                np.testing.assert_allclose(x[b].numpy(), ref, rtol=0, atol=1e-8)
+        assert stats.converged == (restart == 60)
+
+
+def test_gmres_stops_per_sample_and_counts_its_steps():
+    """A sample that is solved at the start (c = 0) costs nothing and does not stop the rest."""
+    f, M, c, exact = linear_system(n=20, bsz=3)
+    c[1] = 0.0
+    g = lambda x: torch.einsum("bij,bj->bi", M, x) + c  # noqa: E731
+    x, stats = solve(g, torch.zeros_like(c), SolverConfig("gmres", 100, 1e-11, restart=40))
+    assert stats.converged and stats.nstep <= 20  # a 20-dim system: at most 20 Arnoldi steps
+    assert x[1].abs().max() == 0.0
+    assert stats.sample_rel_residual[1] == 0.0
+    x, stats = solve(g, torch.zeros_like(c), SolverConfig("gmres", 3, 1e-11, restart=40))
+    assert not stats.converged and stats.nstep == 3 and "not met by every sample" in stats.reason
+
+
+def test_gmres_as_the_implicit_backward_equals_the_dense_solve_on_mdeq_tiny():
+    """The reference's backward on MDEQ-Tiny at digits size (1,920 unknowns a sample) in
+    float64, against ``exact`` (dense Jacobian, LU solve), at an untrained model's h* where
+    rho(dF/dh) > 1."""
+    from pipeline.deq import EstimatorConfig, attach_estimator, jacobian_spectral_radius
+    from pipeline.models.mdeq import MDEQ, MDEQConfig
+    torch.manual_seed(0)
+    model = MDEQ(MDEQConfig(in_channels=1, image_size=8, dropout=0.0)).double()
+    x = torch.randn(2, 1, 8, 8, dtype=DTYPE)
+    func, h0, shapes = model.problem(x)
+    h_star, _ = solve(func, h0, SolverConfig("broyden", 22, 1e-3))
+    assert jacobian_spectral_radius(func, h_star, iters=60).max() > 1.0
+    target = torch.randn_like(h_star)
+    grads = {}
+    for name, est in (("exact", EstimatorConfig("exact")),
+                      ("gmres", EstimatorConfig("implicit", b_solver="gmres", b_max_iter=1000,
+                                                b_tol=1e-13, b_restart=400))):
+        stats: list = []
+        h = attach_estimator(func, h_star, est, stats)
+        grads[name] = torch.autograd.grad((h * target).sum(), list(model.cell.parameters()))
+        if name == "gmres":
+            assert len(stats) == 1 and stats[0].converged, stats[0].reason
+    # GMRES's solution error is at most cond(I - J^T) times its residual (1e-13)
+    for a, b in zip(grads["gmres"], grads["exact"]):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-10)

@@ -136,3 +136,18 @@ def test_spectral_norm_is_the_largest_singular_value():
 def test_spectral_normalize_rejects_non_positive_targets(target):
     with pytest.raises(ValueError):
         spectral_normalize(torch.eye(3), target)
+
+
+def test_power_iteration_reports_its_iterations_and_whether_it_settled():
+    from pipeline.deq import power_iteration
+    A = torch.diag(torch.tensor([0.9, 0.5, 0.1], dtype=DTYPE))
+    est = power_iteration(lambda v: v @ A, torch.Size([2, 3]), iters=500, generator=gen(),
+                          dtype=DTYPE, tol=1e-8)
+    assert est.settled and est.iters < 500 and est.change <= 1e-8
+    torch.testing.assert_close(est.rho, torch.full((2,), 0.9, dtype=DTYPE), rtol=1e-6, atol=0)
+    # eigenvalues +-i/sqrt(2): a complex leading pair, the estimate oscillates and never settles
+    R = torch.tensor([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0]], dtype=DTYPE)
+    S = torch.diag(torch.tensor([1.0, 0.5, 0.0], dtype=DTYPE)) @ R
+    est = power_iteration(lambda v: v @ S, torch.Size([1, 3]), iters=50, generator=gen(),
+                          dtype=DTYPE, tol=1e-6)
+    assert not est.settled and est.iters == 50 and est.change > 1e-6

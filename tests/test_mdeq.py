@@ -188,3 +188,28 @@ def test_eval_output_has_no_graph():
     for est in ("upg", "implicit", "unrolled"):
         logits, _ = model(_batch(CIFAR), SOLVER, ESTIMATORS[est])
         assert logits.grad_fn is None and not logits.requires_grad
+
+
+@pytest.mark.parametrize("preset, data, count", [
+    ("tiny", dict(in_channels=3, num_classes=10, image_size=32), 158_986),
+    ("large_cifar", dict(in_channels=3, num_classes=10, image_size=32), 11_098_398),
+    ("small_imagenet", dict(in_channels=3, num_classes=1000, image_size=224), 16_808_936),
+])
+def test_presets_build_the_counted_configurations(preset, data, count):
+    """Counted on the meta device (no memory, no init): the vision issue pins these against
+    the official modules."""
+    config = MDEQConfig.from_params({"preset": preset}, **data)
+    with torch.device("meta"):
+        model = MDEQ(config)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == count
+    assert set(model.parts()) == {"F", "injection", "head"}
+
+
+def test_from_params_refuses_unknown_keys_and_presets():
+    with pytest.raises(ValueError, match=r"unknown MDEQ model keys \['width'\]"):
+        MDEQConfig.from_params({"width": 2})
+    with pytest.raises(ValueError, match="model preset 'huge'; valid presets"):
+        MDEQConfig.from_params({"preset": "huge"})
+    with pytest.raises(ValueError, match="num_classes"):
+        MDEQConfig.from_params({"num_classes": 5})
+    assert MDEQConfig.from_params({"preset": "large_cifar", "dropout": 0.3}).dropout == 0.3

@@ -150,14 +150,10 @@ def test_chunking_with_a_fixed_forward_budget_changes_nothing(tiny):
                                   check_exact=True)
 
 
-def test_chunking_at_the_default_tolerance_agrees_to_the_tolerance(tiny):
-    cfg = SyntheticConfig.from_params(0.9, tiny)
-    one, two = _grid(dataclasses.replace(cfg, chunk=1)), _grid(dataclasses.replace(cfg, chunk=2))
-    pd.testing.assert_frame_equal(one, two, check_exact=False, rtol=0,
-                                  atol=10 * cfg.forward.tol)
-
-
-def test_chunking_at_the_default_tolerance_is_identical(tiny):
+def test_chunking_at_the_default_tolerance_agrees_to_1e_6(tiny):
+    """With the tolerance stop, a chunk's solve ends when its batch residual meets it, so
+    chunks end at different steps: the grid is not identical, but agrees to 1e-6 (well
+    inside the forward tolerance). Identity needs a fixed budget (the test above)."""
     cfg = SyntheticConfig.from_params(0.9, tiny)
     one, two = _grid(dataclasses.replace(cfg, chunk=1)), _grid(dataclasses.replace(cfg, chunk=2))
     pd.testing.assert_frame_equal(one, two, check_exact=False, rtol=0, atol=1e-6)

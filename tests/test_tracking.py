@@ -9,35 +9,44 @@ import json
 import math
 import os
 import re
+import inspect
 import subprocess
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
 
 from pipeline.config import params_hash
-from pipeline.tracking import NullRun, init_store, start_run
+from pipeline.tracking import NullRun, Run, init_store, start_run
 
 N_JOBS = 8
 N_STEPS = 1500  # > MLflow's 1000 metric entries per log_batch: needs two batches per curve
 
 JOB = textwrap.dedent("""
-    import json, sys
+    import json, sys, time
     from pathlib import Path
+    import mlflow  # imported before the barrier, so that all writers start together
     from pipeline.tracking import start_run
 
     uri, artifacts, i, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), Path(sys.argv[4])
+    barrier = Path(sys.argv[6])
     params = {"job": i, "grid": {"k": [1, 2, 3], "lam": 0.5}}
     tags = {"study": "synthetic", "rule": "fake_job", "wildcards": f"i={i}",
             "params_hash": sys.argv[5]}
     steps = list(range(%(n)d))
+    (barrier / f"ready{i}").touch()
+    deadline = time.time() + 120
+    while not (barrier / "go").exists() and time.time() < deadline:
+        time.sleep(0.005)
+    start = time.time()
     with start_run(uri, "parallel", f"job {i}", tags, params, artifacts) as run:
         run.log_curves({"loss": [i + 1.0 / (s + 1) for s in steps]}, steps)
         run.log_metrics({"final": float(i), "seconds": 0.5})
         out.mkdir(parents=True, exist_ok=True)
         (out / "result.json").write_text(json.dumps({"job": i}))
         run.log_artifact(out / "result.json")
-        print(run.run_id)
+    print(json.dumps({"run_id": run.run_id, "start": start, "end": time.time()}))
 """) % {"n": N_STEPS}
 
 
@@ -68,16 +77,26 @@ def test_parallel_jobs_share_one_store(store, tmp_path, repo_root, venv_bin):
     script = tmp_path / "job.py"
     script.write_text(JOB)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
     procs = [subprocess.Popen([str(venv_bin / "python"), str(script), uri, artifacts, str(i),
-                               str(tmp_path / f"out{i}"), params_hash({"job": i})],
+                               str(tmp_path / f"out{i}"), params_hash({"job": i}), str(barrier)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               cwd=repo_root, env=env)
              for i in range(N_JOBS)]
+    deadline = time.time() + 180
+    while len(list(barrier.glob("ready*"))) < N_JOBS and time.time() < deadline:
+        assert all(p.poll() is None for p in procs), "a writer died before the barrier"
+        time.sleep(0.01)
+    (barrier / "go").touch()  # every writer is waiting: release them together
     outputs = [p.communicate(timeout=240) for p in procs]
     for p, (out, err) in zip(procs, outputs):
         assert p.returncode == 0, err[-3000:]
-    run_ids = {out.strip().splitlines()[-1] for out, _ in outputs}
+    reports = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+    run_ids = {r["run_id"] for r in reports}
     assert len(run_ids) == N_JOBS
+    # The writers competed: at one moment, all eight were inside their run at once.
+    assert max(r["start"] for r in reports) < min(r["end"] for r in reports), reports
 
     client = _client(uri)
     exp = client.get_experiment_by_name("parallel")
@@ -155,6 +174,7 @@ def test_resume_continues_the_same_run(store):
     assert run.data.params == {"model.width": "8", "ks": "[1, 2]", "resumed_from_step": "10"}
     history = client.get_metric_history(first_id, "loss")
     assert sorted(m.step for m in history) == list(range(20))
+    assert "failure_reason" not in run.data.tags, "the resumed, finished run keeps a stale failure"
 
 
 def test_curves_skip_nan(store):
@@ -165,17 +185,28 @@ def test_curves_skip_nan(store):
     assert sorted((m.step, m.value) for m in history) == [(0, 1.0), (2, 3.0)]
 
 
+def test_null_run_has_the_whole_run_interface():
+    """Every public method of Run exists on NullRun with the same signature, so code written
+    against a tracked run also runs with tracking off."""
+    for name, member in vars(Run).items():
+        if name.startswith("_") or not callable(member):
+            continue
+        assert name in vars(NullRun), f"NullRun lacks {name}"
+        assert inspect.signature(member) == inspect.signature(getattr(NullRun, name)), name
+
+
 def test_none_uri_gives_null_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with start_run("none", "synthetic", "off", {"study": "x"}, {"a": 1}) as run:
         assert isinstance(run, NullRun) and run.run_id is None
         (tmp_path / "f.txt").write_text("x")
-        assert run.log_params({"b": 2}) is None
-        assert run.log_metrics({"m": 1.0}) is None
-        assert run.log_curves({"c": [1.0, 2.0]}, [0, 1]) is None
-        assert run.log_artifact(tmp_path / "f.txt") is None
-        assert run.set_tags({"t": "1"}) is None
-        assert run.fail("nothing") is None
+        run.log_params({"b": 2})
+        run.log_metrics({"m": 1.0})
+        run.log_curves({"c": [1.0, 2.0]}, [0, 1])
+        run.log_artifact(tmp_path / "f.txt")
+        run.set_tags({"t": "1"})
+        run.fail("nothing")
+        assert run.last_step("c") is None  # nothing was logged, so a resume logs everything
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.txt"], "tracking off wrote files"
     assert init_store("none", "ignored", ["synthetic"]) == {}
     with pytest.raises(ValueError):  # errors still propagate with tracking off

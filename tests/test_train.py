@@ -1,4 +1,8 @@
-"""The ablation training entry point: determinism, resume after a kill, divergence, tracking."""
+"""The shared training loop: tasks, determinism, resume, divergence, tracking, diagnostics.
+
+Most tests call the real entry point in-process (``pipeline.cli.main``, the code the
+CLI runs); the resume test kills a real subprocess.
+"""
 from __future__ import annotations
 
 import json
@@ -9,14 +13,21 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
+import torch
 
+from pipeline import tracking as M
+from pipeline.cli import main as cli_main
 from pipeline.data.digits import export_digits
-from pipeline.experiments.train import TrainConfig
+from pipeline.experiments import tasks as task_registry
+from pipeline.experiments.train import TrainConfig, load_checkpoint
 
 TINY = {"epochs": 2, "batch_size": 16, "max_steps_per_epoch": 3, "eval_batch_size": 400,
-        "f_max_iter": 8, "b_max_iter": 8, "pretrain_steps": 1, "pretrain_layers": 2,
-        "diagnostics_every": 2, "diagnostics_b_max_iter": 20, "power_iters": 5}
+        "f_max_iter": 8, "b_max_iter": 8, "pretrain_steps": 1, "model": {"num_layers": 2},
+        "diagnostics_every": 0, "power_iters": 5}
+TIMES = (M.TIME_FORWARD, M.TIME_BACKWARD, M.TIME_STEP, M.TIME_DIAGNOSTICS, M.TIME_GRAD,
+         M.TIME_GRAD_IMPLICIT, M.GRAD_SPEEDUP, M.MEMORY_STEP_PEAK)
 
 
 @pytest.fixture(scope="module")
@@ -26,133 +37,314 @@ def digits(tmp_path_factory) -> Path:
     return out
 
 
-def train_cmd(name: str, params: dict, data: Path, out: Path, ckpt: Path, uri: str = "none"):
-    return [sys.executable, "-m", "pipeline", "train", "--name", name,
-            "--params", json.dumps(params), "--data", str(data), "--out", str(out),
-            "--checkpoints", str(ckpt), "--tracking-uri", uri,
-            "--artifacts", str(out.parent / "artifacts"), "--threads", "1"]
+def argv(name: str, params: dict, data: Path, out: Path, ckpt: Path, uri: str = "none"):
+    return ["train", "--study", "ablations", "--name", name, "--params", json.dumps(params),
+            "--data", str(data), "--out", str(out), "--checkpoints", str(ckpt),
+            "--tracking-uri", uri, "--artifacts", str(out.parent / "artifacts"), "--threads", "1"]
 
 
-def run_train(*args, **kwargs) -> dict:
-    cmd = train_cmd(*args, **kwargs)
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads((Path(args[3]) / "metrics.json").read_text())
+def run_train(name, params, data, out, ckpt, uri="none") -> dict:
+    assert cli_main(argv(name, params, data, out, ckpt, uri)) == 0
+    return json.loads((out / "metrics.json").read_text())
+
+
+def curves(out: Path, keep=None) -> dict:
+    """The per-step curves without wall times and memory (and only ``keep``, if given)."""
+    frame = pd.read_csv(out / "curves.csv")
+    cols = [c for c in frame.columns if c not in TIMES and (keep is None or c in keep)]
+    return frame[cols].fillna("nan").to_dict("list")
 
 
 def comparable(metrics: dict) -> dict:
-    """Everything but wall times and run ids."""
     drop = {"time_per_epoch_s", "mean_forward_s", "mean_backward_s", "mean_step_s",
-            "peak_memory_mb", "mlflow_run_id", "history", "name",
-            "backward_speedup_vs_implicit"}
+            "peak_memory_mb", "mlflow_run_id", "history", "name", "diagnostics", "git_commit"}
     out = {k: v for k, v in metrics.items() if k not in drop}
-    out["test_acc_by_epoch"] = [h["test_acc"] for h in metrics["history"]]
+    out["eval_by_epoch"] = [h["acc"] for h in metrics["history"]]
     return out
 
 
+# --- config and registry ---------------------------------------------------------------------
+
 def test_unknown_key_is_rejected():
-    with pytest.raises(ValueError, match="unknown ablation keys \\['epoch'\\]"):
+    with pytest.raises(ValueError, match="unknown run keys \\['epoch'\\]"):
         TrainConfig.from_params({"epoch": 3})
 
 
+def test_unknown_task_lists_the_valid_ones():
+    with pytest.raises(ValueError, match=r"unknown task 'text'; valid tasks: \['image'\]"):
+        TrainConfig.from_params({"task": "text"})
+
+
+def test_unknown_model_key_is_rejected(digits):
+    with pytest.raises(ValueError, match=r"unknown MDEQ model keys \['width'\]"):
+        task_registry.get_task("image")({"width": 3}, {"dataset": "digits"}, digits, "cpu", 8, 8, 0)
+    with pytest.raises(ValueError, match="in_channels"):  # the dataset sets it
+        task_registry.get_task("image")({"in_channels": 3}, {}, digits, "cpu", 8, 8, 0)
+
+
+def test_image_task_batches_split_the_global_order_between_ranks(digits):
+    task = task_registry.get_task("image")({}, {"dataset": "digits"}, digits, "cpu", 8, 100, 0)
+    one = [y for _, y in task.batches("train", 0)]
+    two = [[y for _, y in task.batches("train", 0, rank, 2)] for rank in (0, 1)]
+    assert len(two[0]) == len(two[1]) == task.steps_per_epoch(2) == len(one) // 2
+    # global step s of two ranks covers the same samples as steps 2s and 2s+1 of one rank
+    for s in range(len(two[0])):
+        assert torch.equal(torch.cat([two[0][s], two[1][s]]), torch.cat([one[2 * s], one[2 * s + 1]]))
+    assert [y for _, y in task.batches("train", 1)][0].tolist() != one[0].tolist()
+
+
+# --- determinism and the refactor proof ------------------------------------------------------
+
 def test_same_seed_same_metrics(digits, tmp_path):
     params = {**TINY, "estimator": "upg", "optimizer": "sgd", "lr": 0.1}
-    a = run_train("a", params, digits, tmp_path / "a", tmp_path / "ck_a")
-    b = run_train("b", params, digits, tmp_path / "b", tmp_path / "ck_b")
+    a = run_train("a", params, digits, tmp_path / "a", tmp_path / "ck")
+    b = run_train("b", params, digits, tmp_path / "b", tmp_path / "ck")
     assert a["status"] == "finished" and a["epochs_completed"] == 2
     assert comparable(a) == comparable(b)
-    assert without_times(tmp_path / "a" / "curves.csv") == without_times(tmp_path / "b" / "curves.csv")
-    # A different seed trains a different model.
-    run_train("c", {**params, "seed": 1}, digits, tmp_path / "c", tmp_path / "ck_c")
-    assert without_times(tmp_path / "c" / "curves.csv") != without_times(tmp_path / "a" / "curves.csv")
+    assert curves(tmp_path / "a") == curves(tmp_path / "b")
+    run_train("c", {**params, "seed": 1}, digits, tmp_path / "c", tmp_path / "ck")
+    assert curves(tmp_path / "c") != curves(tmp_path / "a")
 
 
-def without_times(path: Path):
-    """The per-step curves without the wall-time columns (*_s, and the speedup made of them)."""
-    import pandas as pd
-    frame = pd.read_csv(path)
-    return frame[[c for c in frame.columns if not c.endswith("_s") and c != "backward_speedup"]].fillna("nan").to_dict("list")
+REFACTOR_BASELINE = Path(__file__).parent / "data" / "refactor_baseline.json"
 
 
-def test_resume_after_kill_continues_the_same_run(digits, tmp_path):
-    """SIGKILL after the first epoch's checkpoint; the rerun resumes and matches an uninterrupted run."""
+@pytest.mark.slow
+def test_the_shared_loop_reproduces_the_mdeq_tiny_loop(digits, tmp_path):
+    """The per-step losses and accuracies of the MDEQ-Tiny loop before the shared loop
+    (commit 4ac527b, diagnostics off), for three ablations of params.yaml (epochs 2, 6 steps
+    an epoch, 3 pretraining steps): the shared loop gives the same values to float
+    tolerance. They were bit-identical when the loop was rewritten."""
+    base = json.loads(REFACTOR_BASELINE.read_text())
+    assert base["commit"].startswith("4ac527b")
+    for name, ref in base["runs"].items():
+        m = run_train(name, ref["params"], digits, tmp_path / name, tmp_path / "ck")
+        frame = pd.read_csv(tmp_path / name / "curves.csv")
+        torch.testing.assert_close(frame[M.TRAIN_LOSS].tolist(), ref["loss"], rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(frame[M.train_metric("acc")].tolist(), ref["train_acc"])
+        assert [h["acc"] for h in m["history"]] == ref["test_acc"]
+
+
+# --- diagnostics -----------------------------------------------------------------------------
+
+def test_diagnostics_leave_training_unchanged(digits, tmp_path):
+    """Diagnostics fork the RNG and restore BatchNorm buffers: with or without them, and
+    at any frequency, the same losses, accuracies and evaluations (dropout is on)."""
+    params = {**TINY, "epochs": 1, "max_steps_per_epoch": 4, "estimator": "npg",
+              "optimizer": "sgd", "lr": 0.1, "reference_max_iter": 60}
+    keep = (M.TRAIN_LOSS, M.train_metric("acc"), M.SOLVER_REL_RESIDUAL, M.TRAIN_LR)
+    off = run_train("off", params, digits, tmp_path / "off", tmp_path / "ck")
+    on = run_train("on", {**params, "diagnostics_every": 1}, digits, tmp_path / "on", tmp_path / "ck")
+    other = run_train("other", {**params, "diagnostics_every": 3}, digits, tmp_path / "o",
+                      tmp_path / "ck")
+    assert curves(tmp_path / "off", keep) == curves(tmp_path / "on", keep) == \
+        curves(tmp_path / "o", keep)
+    assert off["history"][-1]["acc"] == on["history"][-1]["acc"] == other["history"][-1]["acc"]
+    assert on["diagnostics"]["count"] == 3 and other["diagnostics"]["count"] == 1  # not pretraining
+
+
+def test_the_reported_gradient_is_the_applied_gradient(digits, tmp_path, monkeypatch):
+    """What diagnostics read is what plain SGD (lr 1, no momentum) then subtracts from the
+    parameters: the checkpoint after the step holds the initial parameters minus it."""
+    from pipeline.experiments import train as train_module
+    from pipeline.tracking import NullRun
+    seen = {}
+    real = train_module.diagnose
+
+    def spy(model, *args, **kwargs):
+        seen["grads"] = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+        seen["out"] = real(model, *args, **kwargs)
+        return seen["out"]
+
+    monkeypatch.setattr(train_module, "diagnose", spy)
+    params = {**TINY, "epochs": 1, "max_steps_per_epoch": 1, "pretrain_steps": 0,
+              "estimator": "npg", "optimizer": "sgd", "lr": 1.0, "momentum": 0.0,
+              "weight_decay": 0.0, "schedule": "constant", "diagnostics_every": 1,
+              "reference_max_iter": 60}
+    task = task_registry.get_task("image")(params["model"], {}, digits, "cpu", 16, 400, 0)
+    ck = tmp_path / "last.pt"
+    results = train_module.train(TrainConfig.from_params(params), task, NullRun(), ck,
+                                 log=lambda _: None)
+    torch.manual_seed(0)
+    model = task.build_model()
+    after = load_checkpoint(ck)["model"]
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.detach() - after[name], seen["grads"][name],
+                                   rtol=1e-5, atol=1e-7, msg=name)
+    applied_l1 = sum(g.abs().sum().item() for g in seen["grads"].values())
+    assert results["curves"][0][M.GRAD_NORM_L1] == pytest.approx(applied_l1, rel=1e-6)
+    assert seen["out"][M.GRAD_NORM_L1] == results["curves"][0][M.GRAD_NORM_L1]
+
+
+def test_diagnostics_report_a_converged_reference_by_part(digits, tmp_path):
+    """An implicit run whose own backward is tight agrees with the GMRES reference: the
+    reference is right, and the cosine is reported whole and per part."""
+    params = {**TINY, "epochs": 1, "max_steps_per_epoch": 1, "pretrain_steps": 0,
+              "estimator": "implicit", "b_max_iter": 200, "b_tol": 1e-7, "f_max_iter": 30,
+              "diagnostics_every": 1, "reference_max_iter": 600}
+    run_train("tight", params, digits, tmp_path / "out", tmp_path / "ck")
+    row = pd.read_csv(tmp_path / "out" / "curves.csv").iloc[0]
+    assert row[M.GRAD_REF_CONVERGED] == 1.0
+    assert row[M.GRAD_REF_REL_RESIDUAL] <= 1e-8
+    assert row[M.GRAD_REF_REPLAY_MISMATCH] < 1e-5  # the float64 replay drew the same masks
+    for part in ("F", "injection", "head"):
+        assert row[M.GRAD_COS_PART.format(part=part)] > 0.999, part
+    assert row[M.GRAD_COS] > 0.999
+    assert row[M.TIME_GRAD] == row[M.TIME_GRAD_IMPLICIT] and row[M.GRAD_SPEEDUP] == 1.0
+    assert row[M.RHO] > 0 and row[M.RHO_ITERS] >= 1
+
+
+def test_a_reference_that_misses_its_tolerance_is_flagged(digits, tmp_path):
+    params = {**TINY, "epochs": 1, "max_steps_per_epoch": 1, "pretrain_steps": 0,
+              "estimator": "upg", "diagnostics_every": 1, "reference_max_iter": 5}
+    m = run_train("loose", params, digits, tmp_path / "out", tmp_path / "ck")
+    row = pd.read_csv(tmp_path / "out" / "curves.csv").iloc[0]
+    assert row[M.GRAD_REF_CONVERGED] == 0.0 and row[M.GRAD_REF_REL_RESIDUAL] > 1e-8
+    assert m["diagnostics"]["ref_converged_fraction"] == 0.0
+    assert m["diagnostics"]["median_cos_sim"] is None  # no converged point, no cosine
+    assert row[M.TIME_GRAD_IMPLICIT] > 0 and row[M.GRAD_SPEEDUP] > 0
+
+
+# --- resume ----------------------------------------------------------------------------------
+
+def test_resume_mid_epoch_after_kill_equals_an_uninterrupted_run(digits, tmp_path, venv_bin):
+    """SIGKILL after a mid-epoch checkpoint; the rerun resumes in the same MLflow run and
+    gives the same curves, evaluations and parameters as a run that was never stopped."""
     from mlflow.tracking import MlflowClient
-    params = {**TINY, "epochs": 3, "estimator": "npg", "optimizer": "sgd", "lr": 0.1}
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+
     from pipeline.tracking import init_store
+    params = {**TINY, "epochs": 2, "max_steps_per_epoch": 6, "checkpoint_every": 2,
+              "estimator": "npg", "optimizer": "sgd", "lr": 0.1}
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
     init_store(uri, str(tmp_path / "artifacts"), ["ablations"])
     ckpt_root = tmp_path / "ck"
-    cmd = train_cmd("resume", params, digits, tmp_path / "out", ckpt_root, uri)
+    cmd = [str(venv_bin / "python"), "-m", "pipeline",
+           *argv("resume", params, digits, tmp_path / "out", ckpt_root, uri)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
     deadline = time.time() + 120
-    while not list(ckpt_root.glob("resume/*/last.pt")) and time.time() < deadline:
+    while not list(ckpt_root.glob("ablations/resume/*/last.pt")) and time.time() < deadline:
         if proc.poll() is not None:
             pytest.fail(f"training ended before a checkpoint: {proc.stdout.read().decode()[-2000:]}")
-        time.sleep(0.05)
+        time.sleep(0.01)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (tmp_path / "out" / "metrics.json").exists()
+    saved = load_checkpoint(next(ckpt_root.glob("ablations/resume/*/last.pt")))
+    assert saved["state"]["step_in_epoch"] in (2, 4), "the kill must land mid-epoch"
+    assert isinstance(saved["rng"], list) and saved["rng"][0]["cpu"].dtype == torch.uint8
 
     resumed = subprocess.run(cmd, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resumed from" in resumed.stdout
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
-    assert metrics["epochs_completed"] == 3
-    assert not list(ckpt_root.glob("resume/*/last.pt")), "a concluded run keeps no checkpoint"
+    assert metrics["epochs_completed"] == 2 and metrics["steps"] == 12
+    assert not list(ckpt_root.glob("ablations/resume/*")), "a concluded run keeps no checkpoint"
 
     client = MlflowClient(uri)
-    exp = client.get_experiment_by_name("ablations")
-    runs = client.search_runs([exp.experiment_id])
+    runs = client.search_runs([client.get_experiment_by_name("ablations").experiment_id])
     assert len(runs) == 1, "the resumed job must continue the same MLflow run"
     assert runs[0].info.status == "FINISHED"
     assert runs[0].info.run_id == metrics["mlflow_run_id"]
-    assert len(client.get_metric_history(runs[0].info.run_id, "test_acc")) == 3
+    assert len(client.get_metric_history(runs[0].info.run_id, M.eval_metric("acc"))) == 2
+    losses = client.get_metric_history(runs[0].info.run_id, M.TRAIN_LOSS)
+    assert sorted(m.step for m in losses) == list(range(12)), "no step lost or logged twice"
 
     straight = run_train("straight", params, digits, tmp_path / "straight", tmp_path / "ck2")
-    assert comparable(straight)["test_acc_by_epoch"] == comparable(metrics)["test_acc_by_epoch"]
-    assert straight["best_test_acc"] == metrics["best_test_acc"]
+    assert {**comparable(straight), "params_hash": None} == {**comparable(metrics), "params_hash": None}
+    assert comparable(straight)["eval_by_epoch"] == comparable(metrics)["eval_by_epoch"]
+    assert curves(tmp_path / "straight") == curves(tmp_path / "out")
 
 
-def test_divergence_is_recorded_as_failed(digits, tmp_path):
+# --- divergence ------------------------------------------------------------------------------
+
+def _failed_run(tmp_path, name, params, data, uri):
     from mlflow.tracking import MlflowClient
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    params = {**TINY, "estimator": "implicit", "pretrain_steps": 0, "diverge_residual": 1e-12}
-    metrics = run_train("diverge", params, digits, tmp_path / "out", tmp_path / "ck", uri)
+    metrics = run_train(name, params, data, tmp_path / name, tmp_path / "ck", uri)
+    run = MlflowClient(uri).get_run(metrics["mlflow_run_id"])
     assert metrics["status"] == "failed"
-    assert "forward residual" in metrics["reason"] and "> 1e-12" in metrics["reason"]
-    client = MlflowClient(uri)
-    run = client.get_run(metrics["mlflow_run_id"])
     assert run.info.status == "FAILED"
     assert run.data.tags["failure_reason"] == metrics["reason"]
+    return metrics
 
+
+def test_forward_residual_divergence_is_recorded_as_failed(digits, tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    params = {**TINY, "estimator": "implicit", "pretrain_steps": 0, "diverge_residual": 1e-12}
+    m = _failed_run(tmp_path, "residual", params, digits, uri)
+    assert "forward residual" in m["reason"] and "> 1e-12" in m["reason"]
+
+
+class _BrokenImage(task_registry.ImageTask):
+    """The image task with a fault injected at step 2: a NaN loss, or an F that overflows."""
+
+    fault = "nan_loss"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.calls = 0
+
+    def loss(self, model, batch, solver, estimator):
+        self.calls += 1
+        if self.calls == 3 and self.fault == "inf_state":
+            x, y = batch
+            return super().loss(model, (x * float("inf"), y), solver, estimator)
+        loss, metrics = super().loss(model, batch, solver, estimator)
+        if self.calls == 3 and self.fault == "nan_loss":
+            loss = loss * float("nan")
+        return loss, metrics
+
+
+@pytest.mark.parametrize("fault, fragment", [("nan_loss", "non-finite loss nan at step 2"),
+                                             ("inf_state", "forward solver: non-finite residual")])
+def test_nan_loss_and_solver_divergence_are_recorded_as_failed(digits, tmp_path, fault, fragment):
+    task_registry.register_task("broken_image")(_BrokenImage)
+    try:
+        _BrokenImage.fault = fault
+        uri = f"sqlite:///{tmp_path}/mlflow.db"
+        params = {**TINY, "task": "broken_image", "pretrain_steps": 0}
+        m = _failed_run(tmp_path, fault, params, digits, uri)
+        assert fragment in m["reason"], m["reason"]
+        assert m["steps"] == 2 and len(pd.read_csv(tmp_path / fault / "curves.csv")) == 2
+    finally:
+        task_registry.TASKS.pop("broken_image")
+
+
+# --- tracking --------------------------------------------------------------------------------
 
 def test_tracked_run_has_curves_tags_and_params(digits, tmp_path):
     from mlflow.tracking import MlflowClient
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    params = {**TINY, "epochs": 1, "estimator": "upg", "optimizer": "sgd", "lr": 0.1}
+    params = {**TINY, "epochs": 1, "estimator": "upg", "optimizer": "sgd", "lr": 0.1,
+              "diagnostics_every": 2, "reference_max_iter": 40}
     metrics = run_train("tracked", params, digits, tmp_path / "out", tmp_path / "ck", uri)
+    assert metrics["git_commit"] and metrics["study"] == "ablations"
     client = MlflowClient(uri)
     run = client.get_run(metrics["mlflow_run_id"])
-    for tag in ("git_commit", "params_hash", "dataset", "scale", "ablation"):
+    assert client.get_experiment(run.info.experiment_id).name == "ablations"  # the study
+    for tag in ("git_commit", "params_hash", "dataset", "scale", "study", "run", "task"):
         assert tag in run.data.tags
     assert run.data.tags["dataset"] == "digits"
-    assert run.data.params["ablation.k"] == "5"          # the resolved config, defaults included
-    assert run.data.params["ablation.estimator"] == "upg"
+    assert run.data.params["run.k"] == "5"            # the resolved config, defaults included
+    assert run.data.params["run.estimator"] == "upg"
+    assert run.data.params["run.model.num_layers"] == "2"
     steps = TINY["max_steps_per_epoch"]
-    for key in ("loss", "train_acc", "lr", "forward_steps", "step_s", "forward_s", "backward_s"):
-        assert len(client.get_metric_history(run.info.run_id, key)) == steps, key
-    # pretraining steps run no solver, so they have no residual
-    residuals = client.get_metric_history(run.info.run_id, "forward_rel_residual")
-    assert [m.step for m in residuals] == list(range(TINY["pretrain_steps"], steps))
-    cos = client.get_metric_history(run.info.run_id, "grad_cosine")
-    assert len(cos) == len(range(0, steps, TINY["diagnostics_every"]))
-    # the first step is pretraining (unrolled) — afterwards UPG: cosines are proper cosines
-    assert all(-1.0 <= m.value <= 1.0 + 1e-6 for m in cos)
-    for key in ("rho_dF_dh", "rho_dFlam_dh", "grad_norm_used", "grad_norm_exact", "test_acc",
-                "backward_speedup", "grad_used_s", "grad_implicit_s",
-                "peak_memory_mb"):
-        assert client.get_metric_history(run.info.run_id, key), key
+    rid = run.info.run_id
+    for key in (M.TRAIN_LOSS, M.train_metric("acc"), M.TRAIN_LR):
+        assert len(client.get_metric_history(rid, key)) == steps, key
+    # pretraining steps run no solver; the first estimator step is measured for memory
+    for key in (M.SOLVER_REL_RESIDUAL, M.SOLVER_NSTEPS):
+        logged = client.get_metric_history(rid, key)
+        assert sorted(m.step for m in logged) == list(range(TINY["pretrain_steps"], steps)), key
+    assert [m.step for m in client.get_metric_history(rid, M.MEMORY_STEP_PEAK)] == [1]
+    assert sorted(m.step for m in client.get_metric_history(rid, M.TIME_STEP)) == [0, 2]
+    cos = client.get_metric_history(rid, M.GRAD_COS)
+    assert [m.step for m in cos] == [2]                # step 0 is pretraining
+    for key in (M.GRAD_COS_PART.format(part="F"), M.GRAD_REF_REL_RESIDUAL, M.GRAD_REF_CONVERGED,
+                M.RHO, M.RHO_LAMBDA, M.RHO_ITERS, M.RHO_SETTLED, M.GRAD_NORM_L1,
+                M.GRAD_REF_NORM_L1, M.TIME_GRAD, M.TIME_GRAD_IMPLICIT, M.GRAD_SPEEDUP,
+                M.TIME_DIAGNOSTICS, M.eval_metric("acc"), M.best_eval_metric("acc")):
+        assert client.get_metric_history(rid, key), key
 
 
 def test_one_epoch_on_cifar_format_data(tmp_path):
@@ -165,18 +357,22 @@ def test_one_epoch_on_cifar_format_data(tmp_path):
     make_cifar_archive(archive)
     data = tmp_path / "cifar10"
     prepare_cifar10(data, url="http://127.0.0.1:9/unused", md5=md5(archive), archive=archive)
-    params = {**TINY, "epochs": 1, "batch_size": 4, "max_steps_per_epoch": 2, "dataset": "cifar10",
-              "estimator": "upg", "optimizer": "sgd", "lr": 0.1}
+    params = {**TINY, "epochs": 1, "batch_size": 4, "max_steps_per_epoch": 2,
+              "data": {"dataset": "cifar10"}, "estimator": "upg", "optimizer": "sgd", "lr": 0.1}
     metrics = run_train("cifar", params, data, tmp_path / "out", tmp_path / "ck")
     assert metrics["status"] == "finished" and metrics["dataset"] == "cifar10"
     assert metrics["trainable_params"] == 158_986  # MDEQ-Tiny at 32x32x3, 10 classes
-    assert metrics["steps"] == 2 and metrics["final_test_acc"] is not None
+    assert metrics["steps"] == 2 and metrics["final"] is not None
+    with pytest.raises(ValueError, match="holds 'cifar10', but the run's dataset is 'digits'"):
+        run_train("wrong", {**params, "data": {"dataset": "digits"}}, data, tmp_path / "w",
+                  tmp_path / "ck")
 
 
-@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a CUDA device is present")
-def test_cuda_without_a_gpu_fails_clearly(digits, tmp_path):
-    proc = subprocess.run(train_cmd("gpu", {**TINY, "device": "cuda"}, digits, tmp_path / "out",
-                                    tmp_path / "ck"), capture_output=True, text=True)
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
+def test_cuda_without_a_gpu_fails_clearly(digits, tmp_path, venv_bin):
+    cmd = [str(venv_bin / "python"), "-m", "pipeline",
+           *argv("gpu", {**TINY, "device": "cuda"}, digits, tmp_path / "out", tmp_path / "ck")]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 1
     assert "device='cuda' but no CUDA device is visible" in proc.stderr
     assert not (tmp_path / "out").exists()

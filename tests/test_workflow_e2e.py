@@ -12,6 +12,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -59,12 +60,22 @@ def test_every_figure_and_result_is_built(workflow):
     for Lh in tiny["synthetic"]["Lh"]:
         summary = json.loads((workflow / f"results/synthetic/Lh={Lh:g}/summary.json").read_text())
         assert summary["Lh"] == Lh and summary["scale"] == "default"
+    converged = 0
     for name in params["ablations"]["runs"]:
         metrics = json.loads((workflow / f"results/ablations/{name}/metrics.json").read_text())
         assert metrics["status"] == "finished", metrics["reason"]
         assert metrics["epochs_completed"] == tiny["ablations"]["defaults"]["epochs"]
+        assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?|unknown", metrics["git_commit"])
+        curves = pd.read_csv(workflow / f"results/ablations/{name}/curves.csv")
+        if metrics["diagnostics"]["count"]:
+            for column in ("grad/ref_rel_residual", "grad/cos_sim_F", "grad/cos_sim_injection",
+                           "grad/cos_sim_head", "time/grad_s", "time/grad_implicit_s"):
+                assert curves[column].notna().any(), (name, column)
+            converged += int(curves["grad/ref_converged"].sum())
+    assert converged, "no diagnostics point with a converged reference"
     table = (workflow / "figures/ablations/ablations_table.md").read_text()
     assert "scale: default" in table and "dataset: digits" in table
+    assert "cos_F" in table and "ref_residual" in table
     assert set(params["ablations"]["runs"]) <= set(re.findall(r"^\| (\w+)\s", table, re.M))
 
 
@@ -101,11 +112,12 @@ def _edit(workflow: Path, name: str, overrides: dict) -> str:
 
 
 def test_editing_one_ablation_reruns_only_it(workflow, venv_bin):
-    edit = _edit(workflow, "edit_ablation.yaml", {"ablations": {"runs": {"no_dropout": {"dropout": 0.1}}}})
+    edit = _edit(workflow, "edit_ablation.yaml",
+                 {"ablations": {"runs": {"no_dropout": {"model": {"dropout": 0.1}}}}})
     proc = snakemake(workflow, venv_bin, "-n", "figures", "--configfile", "tiny.yaml", edit)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert planned(proc) == {"train_ablation": 1, "report_ablations": 1, "figures": 1}
-    assert "ablation=no_dropout" in proc.stdout
+    assert "run=no_dropout" in proc.stdout
 
 
 def test_editing_a_synthetic_key_reruns_the_synthetic_jobs_only(workflow, venv_bin):

@@ -2,14 +2,18 @@
 
 Knows nothing of Snakemake, MLflow or files.
 """
-from .grad import (ESTIMATORS, EstimatorConfig, attach_estimator, dense_backward, implicit_layer,
-                   unroll)
-from .solvers import SOLVERS, SolverConfig, SolverStats, get_solver, register_solver, solve
-from .spectral import (jacobian_spectral_radius, power_method, spectral_norm,
-                       spectral_normalize)
+from .grad import (ESTIMATORS, EstimatorConfig, LayerRecord, attach_estimator, dense_backward,
+                   implicit_layer, record_layers, replay_layers, unroll)
+from .solvers import (LINEAR_SOLVERS, SOLVERS, SolverConfig, SolverStats, get_solver, gmres,
+                      register_solver, solve)
+from .spectral import (PowerEstimate, jacobian_spectral_radius, power_iteration, power_method,
+                       spectral_norm, spectral_normalize, spectral_radius)
 
 __all__ = [
     "ESTIMATORS", "EstimatorConfig", "implicit_layer", "attach_estimator", "unroll", "dense_backward",
-    "SOLVERS", "SolverConfig", "SolverStats", "get_solver", "register_solver", "solve",
-    "power_method", "jacobian_spectral_radius", "spectral_norm", "spectral_normalize",
+    "LayerRecord", "record_layers", "replay_layers",
+    "SOLVERS", "LINEAR_SOLVERS", "SolverConfig", "SolverStats", "get_solver", "register_solver",
+    "solve", "gmres",
+    "PowerEstimate", "power_iteration", "power_method", "spectral_radius",
+    "jacobian_spectral_radius", "spectral_norm", "spectral_normalize",
 ]

@@ -29,12 +29,21 @@ torch.Size([4, 4])
 The func passed in is a closure F(h) over z and the module's parameters; the
 estimators only need F's vector-Jacobian products, never a dense Jacobian
 (``exact`` aside).
+
+Layer record: inside ``with record_layers() as layers``, every ``implicit_layer``
+that solves appends a :class:`LayerRecord` (F, h*, forward stats). Inside
+``with replay_layers(layers, estimator)``, the same forward, run again, skips each
+solve, takes the recorded h* and attaches ``estimator`` instead: diagnostics,
+spectral radii and Jacobian regularisation then work on any model, stacks of
+implicit layers included, without knowing its internals.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Callable
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
 
 import torch
 
@@ -59,6 +68,7 @@ class EstimatorConfig:
         b_max_iter: backward budget b_thres (MDEQ-Tiny: 24).
         b_tol: backward tolerance.
         b_stop_mode: ``rel`` or ``abs``.
+        b_restart: Krylov subspace size of a ``gmres`` backward.
     """
 
     name: str = "implicit"
@@ -68,6 +78,7 @@ class EstimatorConfig:
     b_max_iter: int = 24
     b_tol: float = 1e-6
     b_stop_mode: str = "rel"
+    b_restart: int = 200
 
     def __post_init__(self) -> None:
         if self.name not in ESTIMATORS:
@@ -80,14 +91,15 @@ class EstimatorConfig:
 
     @property
     def backward_solver(self) -> SolverConfig:
-        return SolverConfig(self.b_solver, self.b_max_iter, self.b_tol, self.b_stop_mode)
+        return SolverConfig(self.b_solver, self.b_max_iter, self.b_tol, self.b_stop_mode,
+                            restart=self.b_restart)
 
     @property
     def effective(self) -> "EstimatorConfig":
         """``jfb`` is ``upg`` with k = 1, lam = 1."""
         if self.name == "jfb":
             return EstimatorConfig("upg", 1, 1.0, self.b_solver, self.b_max_iter, self.b_tol,
-                                   self.b_stop_mode)
+                                   self.b_stop_mode, self.b_restart)
         return self
 
 
@@ -177,6 +189,81 @@ def unroll(func: Func, h0: Tensor, steps: int, lam: float = 1.0) -> Tensor:
     return h
 
 
+@dataclass
+class LayerRecord:
+    """One implicit layer of a forward: F (a closure over its input and parameters), the
+    no-grad solution h*, and the forward solver's stats."""
+
+    func: Func
+    h_star: Tensor
+    stats: SolverStats
+
+
+@dataclass
+class _Replay:
+    layers: list[LayerRecord]
+    estimator: EstimatorConfig
+    backward_stats: list
+    started: list = field(default_factory=list)   # perf_counter() when the first layer ran
+    funcs: list = field(default_factory=list)     # the replayed F of each layer
+    index: int = 0
+
+
+_RECORDING: list[list[LayerRecord]] = []
+_REPLAYING: list[_Replay] = []
+
+
+@contextmanager
+def record_layers() -> Iterator[list[LayerRecord]]:
+    """Collect a :class:`LayerRecord` for every solving ``implicit_layer`` in the block."""
+    layers: list[LayerRecord] = []
+    _RECORDING.append(layers)
+    try:
+        yield layers
+    finally:
+        _RECORDING.remove(layers)
+
+
+@contextmanager
+def replay_layers(layers: list[LayerRecord], estimator: EstimatorConfig,
+                  backward_stats: list | None = None, started: list | None = None):
+    """Run a forward again at the recorded h*, with ``estimator`` attached to each layer.
+
+    The caller must rebuild F exactly as recorded (same inputs, parameters and dropout
+    masks: restore the RNG state of the recorded forward). h* is cast to the dtype and
+    device of the replayed layer's h0, so a float64 copy of the model can replay a
+    float32 record. ``backward_stats`` collects ``implicit``'s backward SolverStats;
+    ``started`` gets the clock time at which the first layer was reached, so the time
+    from h* to the gradients can be taken.
+    """
+    replay = _Replay(layers, estimator, backward_stats if backward_stats is not None else [],
+                     started if started is not None else [])
+    _REPLAYING.append(replay)
+    try:
+        yield replay
+    finally:
+        _REPLAYING.remove(replay)
+    if replay.index != len(layers):
+        raise RuntimeError(f"replay ran {replay.index} implicit layers, the record has "
+                           f"{len(layers)}")
+
+
+def _replayed(func: Func, h0: Tensor) -> Tensor:
+    replay = _REPLAYING[-1]
+    if replay.index >= len(replay.layers):
+        raise RuntimeError(f"replay reached implicit layer {replay.index + 1}; the record has "
+                           f"{len(replay.layers)}")
+    if not replay.started:
+        if h0.is_cuda:  # the clock starts once the work before h* is done
+            torch.cuda.synchronize(h0.device)
+        replay.started.append(time.perf_counter())
+    record = replay.layers[replay.index]
+    replay.index += 1
+    replay.funcs.append(func)
+    h_star = record.h_star.detach().to(dtype=h0.dtype, device=h0.device)
+    return attach_estimator(func, h_star, replay.estimator, replay.backward_stats)
+
+
 def implicit_layer(func: Func, h0: Tensor, solver: SolverConfig, estimator: EstimatorConfig,
                    training: bool = True, backward_stats: list | None = None
                    ) -> tuple[Tensor, SolverStats]:
@@ -195,6 +282,8 @@ def implicit_layer(func: Func, h0: Tensor, solver: SolverConfig, estimator: Esti
         forward solver's stats (``unrolled`` reports no solve: nstep 0).
     """
     est = estimator.effective
+    if _REPLAYING:
+        return _replayed(func, h0), SolverStats()
     if est.name == "unrolled":
         with torch.set_grad_enabled(training and torch.is_grad_enabled()):
             return unroll(func, h0, est.k), SolverStats()
@@ -203,6 +292,8 @@ def implicit_layer(func: Func, h0: Tensor, solver: SolverConfig, estimator: Esti
 
     with torch.no_grad():
         h_star, stats = solve(func, h0, solver)
+    for layers in _RECORDING:
+        layers.append(LayerRecord(func, h_star, stats))
     if not (training and torch.is_grad_enabled()):
         return h_star, stats
     return attach_estimator(func, h_star, est, backward_stats), stats

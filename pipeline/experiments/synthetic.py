@@ -226,13 +226,12 @@ def run(cfg: SyntheticConfig, show_progress: bool = True) -> dict:
 # --- CLI edge: files and tracking -------------------------------------------------------------
 
 def add_arguments(parser) -> None:
+    from pipeline import tracking
     parser.add_argument("--Lh", type=float, required=True)
     parser.add_argument("--params", required=True, help="the synthetic slice of params.yaml, JSON")
     parser.add_argument("--scale", default="default")
     parser.add_argument("--out", required=True, help="directory for grid.csv, dynamics.csv, summary.json")
-    parser.add_argument("--tracking-uri", default="none")
-    parser.add_argument("--artifacts", default="mlruns/artifacts")
-    parser.add_argument("--tags", default="{}", help="extra MLflow tags, JSON (rule, wildcards)")
+    tracking.add_run_arguments(parser)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
 
 
@@ -250,7 +249,7 @@ def main(args) -> int:
     out = Path(args.out)
     with tracking.start_run(args.tracking_uri, "synthetic", f"synthetic Lh={args.Lh}", tags,
                             {"synthetic": params, "Lh": args.Lh, "scale": args.scale},
-                            args.artifacts) as tracker:
+                            args.artifacts, batch_size=args.tracking_batch_size) as tracker:
         result = run_and_log(cfg, tracker)
         result["summary"]["scale"] = args.scale
         write_csv(result["grid"], out / "grid.csv")

@@ -1,19 +1,28 @@
-"""Train one MDEQ-Tiny ablation (appendix §4.2), driven entirely by its params.
+"""The one training loop for every implicit model: a task (:mod:`.tasks`) plus loop keys.
 
-    python -m pipeline train --name upg_sgd --params '<merged ablation params, JSON>' \
-        --data data/digits --out results/ablations/upg_sgd --checkpoints checkpoints/ablations
+    python -m pipeline train --study ablations --name upg_sgd --params '<merged run, JSON>' \
+        --data data/digits --out results/ablations/upg_sgd --checkpoints checkpoints
 
-What a step logs (MLflow, in batches): loss, train accuracy, learning rate, forward
-solver steps and final relative residual, step / forward / backward time. Every
-``diagnostics_every`` steps, on the same batch and the same dropout masks: the
-cosine similarity between the gradient the estimator gives and the exact implicit
-gradient (tight backward solve), both norms, and rho(dF/dh), rho(dF_lam/dh) by
-power method. Every epoch: test accuracy (best and final kept), peak memory.
+A run is a study's ``defaults`` deep-merged with one entry of its ``runs`` (the
+Snakemake helper ``study_run`` in ``workflow/rules/common.smk``); :class:`TrainConfig`
+holds the loop's keys, the ``task`` name and the task's ``model:`` and ``data:`` blocks.
+The MLflow experiment is the study, the run is named by ``--name``.
 
-Checkpoints (model, optimizer, scheduler, RNG, MLflow run id) live outside the
-declared outputs, under ``<checkpoints>/<name>/<params hash>/``: a killed job resumes
-from its last epoch in the same MLflow run. A concluded run removes its checkpoint. A divergent run (NaN/Inf loss, a
-forward residual past ``diverge_residual``) stops; MLflow marks it FAILED with the
+Each step logs (names from :mod:`pipeline.tracking`) the loss, the task's training
+metric, the learning rate, the forward solver's steps and residual at h*, and the
+step's forward / backward / total time. Every ``diagnostics_every`` steps the
+diagnostics of :mod:`.diagnostics` run on the step's own state, before the optimizer
+step, on the gradient the optimizer then applies; they are timed on their own and
+fork the RNG, so they never change training. The first estimator step of an epoch is
+measured for tensor memory instead of time (the CPU counter slows every op).
+
+Checkpoints hold tensors and plain containers only (``torch.load(weights_only=True)``):
+model, optimizer, scheduler, each rank's RNG states (CPU, and CUDA's), the loop state
+and the MLflow run id. They live under ``<checkpoints>/<study>/<name>/<params hash>/``,
+are written at each epoch end and every ``checkpoint_every`` steps, and a killed job
+resumes mid-epoch in the same MLflow run, equal to an uninterrupted one. A concluded
+run removes its checkpoint. A divergent run (non-finite loss, a diverged forward solve,
+a forward residual past ``diverge_residual``) stops; MLflow marks it FAILED with the
 reason and ``metrics.json`` says ``"status": "failed"``.
 """
 from __future__ import annotations
@@ -22,19 +31,21 @@ import dataclasses
 import itertools
 import json
 import math
-import resource
 import shutil
+import statistics
 import time
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import pandas as pd
 import torch
-import torch.nn.functional as Fn
 
-from pipeline.deq import (EstimatorConfig, SolverConfig, attach_estimator, implicit_layer,
-                          jacobian_spectral_radius, solve)
-from pipeline.models.mdeq import MDEQ, MDEQConfig, unpack
+from pipeline import tracking as M
+from pipeline.deq import EstimatorConfig, SolverConfig, record_layers
+from pipeline.experiments.diagnostics import (DiagnosticsConfig, clock, diagnose, rng_state,
+                                              set_rng_state)
+from pipeline.experiments.tasks import get_task
+from pipeline.memory import peak_memory
 from pipeline.progress import progress
 
 Tensor = torch.Tensor
@@ -42,16 +53,24 @@ Tensor = torch.Tensor
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """One ablation: ``ablations.defaults`` merged with ``ablations.runs.<name>``."""
+    """The loop's keys, the task, and the task's ``model:`` / ``data:`` blocks.
 
-    dataset: str = "digits"
-    epochs: int = 4
-    batch_size: int = 64
-    eval_batch_size: int = 500
+    The defaults are params.yaml's ``ablations.defaults`` (``tests/test_config.py``
+    checks that they agree).
+    """
+
+    task: str = "image"
+    model: dict = field(default_factory=lambda: {"preset": "tiny", "dropout": 0.25,
+                                                 "num_layers": 10})
+    data: dict = field(default_factory=lambda: {"dataset": "digits"})
+    epochs: int = 3
+    max_steps: int | None = None             # cap on all steps; None = epochs x steps/epoch
     max_steps_per_epoch: int | None = None   # cap for smoke tests; None = the whole epoch
+    batch_size: int = 32
+    eval_batch_size: int = 500
+    eval_every: int = 0                      # extra evaluations every N steps; 0 = epoch ends
     seed: int = 0
     device: str = "cpu"
-    dropout: float = 0.25
     f_solver: str = "broyden"
     f_max_iter: int = 22                     # MDEQ-Tiny F_THRES
     f_tol: float = 1e-3
@@ -61,18 +80,23 @@ class TrainConfig:
     estimator: str = "implicit"
     k: int = 5
     lam: float = 0.5
-    pretrain_steps: int = 0                  # MDEQ's unrolled pretraining, weight-tied
-    pretrain_layers: int = 10
+    pretrain_steps: int = 20                 # MDEQ's unrolled pretraining, weight-tied
     optimizer: str = "adam"
     lr: float = 1e-3
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 2.5e-6
     schedule: str = "cosine"
-    diagnostics_every: int = 20
-    diagnostics_b_max_iter: int = 60
-    diagnostics_b_tol: float = 1e-6
-    power_iters: int = 20
+    warmup_steps: int = 0                    # linear warm-up before the schedule
+    grad_clip: float | None = None           # max gradient norm; None = no clipping
+    checkpoint_every: int = 0                # steps; 0 = epoch ends only
+    diagnostics_every: int = 40
+    reference_tol: float = 1e-8              # GMRES reference, per sample, float64
+    reference_max_iter: int = 1000
+    reference_restart: int = 400
+    timing_repeats: int = 3
+    power_iters: int = 40
+    power_tol: float = 1e-3
     diverge_residual: float = 1e3
 
     @classmethod
@@ -80,8 +104,10 @@ class TrainConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(params) - names)
         if unknown:
-            raise ValueError(f"unknown ablation keys {unknown}; valid keys: {sorted(names)}")
-        return cls(**params)
+            raise ValueError(f"unknown run keys {unknown}; valid keys: {sorted(names)}")
+        cfg = cls(**params)
+        get_task(cfg.task)
+        return cfg
 
     @property
     def forward_solver(self) -> SolverConfig:
@@ -93,278 +119,292 @@ class TrainConfig:
                                self.b_tol)
 
     @property
-    def pretrain_config(self) -> EstimatorConfig:
-        return EstimatorConfig("unrolled", k=self.pretrain_layers)
-
-    @property
-    def implicit_config(self) -> EstimatorConfig:
-        """Implicit differentiation with this run's backward budget (MDEQ's b_thres): the
-        reference of the same-batch backward speedup."""
-        return EstimatorConfig("implicit", b_solver=self.b_solver, b_max_iter=self.b_max_iter,
-                               b_tol=self.b_tol)
-
-    @property
-    def exact_config(self) -> EstimatorConfig:
-        """The reference of every training-time cosine: implicit with a tight backward solve."""
-        return EstimatorConfig("implicit", b_solver="broyden", b_max_iter=self.diagnostics_b_max_iter,
-                               b_tol=self.diagnostics_b_tol)
+    def diagnostics_config(self) -> DiagnosticsConfig:
+        return DiagnosticsConfig(
+            forward_solver=self.forward_solver, estimator=self.estimator_config,
+            implicit=EstimatorConfig("implicit", b_solver=self.b_solver,
+                                     b_max_iter=self.b_max_iter, b_tol=self.b_tol),
+            reference=EstimatorConfig("implicit", b_solver="gmres",
+                                      b_max_iter=self.reference_max_iter,
+                                      b_tol=self.reference_tol, b_restart=self.reference_restart),
+            lam=self.lam, timing_repeats=self.timing_repeats, power_iters=self.power_iters,
+            power_tol=self.power_tol, seed=self.seed, device=self.device)
 
 
 class Divergence(RuntimeError):
     """Training diverged; the message is the reason recorded in MLflow and metrics.json."""
 
 
-# --- data ------------------------------------------------------------------------------------
-
-def load_tensors(data_dir: str | Path, device: str) -> dict:
-    """Images as float (N, C, H, W), normalised by the training set's per-channel statistics."""
-    from pipeline.data import load_meta, load_split
-    meta = load_meta(data_dir)
-    out = {"meta": meta}
-    for split in ("train", "test"):
-        images, labels = load_split(data_dir, split)
-        out[split] = (images.permute(0, 3, 1, 2).float().div(255), labels)
-    x = out["train"][0]
-    mean = x.mean(dim=(0, 2, 3), keepdim=True)
-    std = x.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
-    for split in ("train", "test"):
-        images, labels = out[split]
-        out[split] = (((images - mean) / std).to(device), labels.to(device))
-    return out
-
-
-def batches(n: int, batch_size: int, seed: int, epoch: int):
-    """A fixed permutation per (seed, epoch): deterministic, and resumable without saved state."""
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-    for i in range(0, n - batch_size + 1, batch_size):  # drop the last partial batch, as MDEQ
-        yield order[i:i + batch_size]
-
-
-# --- model pieces ----------------------------------------------------------------------------
-
-def build(cfg: TrainConfig, meta: dict):
-    torch.manual_seed(cfg.seed)
-    H, W, C = meta["image_shape"]
-    model = MDEQ(MDEQConfig(in_channels=C, num_classes=meta["num_classes"], image_size=H,
-                            dropout=cfg.dropout)).to(cfg.device)
+def make_optimizer(cfg: TrainConfig, model) -> torch.optim.Optimizer:
     if cfg.optimizer == "adam":
-        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    elif cfg.optimizer == "sgd":
-        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                              weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
-    else:
-        raise ValueError(f"optimizer {cfg.optimizer!r}; valid: ['adam', 'sgd']")
-    return model, opt
+        return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                               weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
+    raise ValueError(f"optimizer {cfg.optimizer!r}; valid: ['adam', 'sgd']")
 
 
 def make_scheduler(cfg: TrainConfig, opt, total_steps: int):
+    after = max(1, total_steps - cfg.warmup_steps)
     if cfg.schedule == "cosine":  # MDEQ: cosine annealing over all iterations
-        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, total_steps), eta_min=1e-6)
-    if cfg.schedule == "constant":
-        return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
-    raise ValueError(f"schedule {cfg.schedule!r}; valid: ['cosine', 'constant']")
+        main = torch.optim.lr_scheduler.CosineAnnealingLR(opt, after, eta_min=1e-6)
+    elif cfg.schedule == "constant":
+        main = torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0)
+    else:
+        raise ValueError(f"schedule {cfg.schedule!r}; valid: ['cosine', 'constant']")
+    if not cfg.warmup_steps:
+        return main
+    warm = torch.optim.lr_scheduler.LinearLR(opt, start_factor=1.0 / cfg.warmup_steps,
+                                             total_iters=cfg.warmup_steps)
+    return torch.optim.lr_scheduler.SequentialLR(opt, [warm, main], [cfg.warmup_steps])
 
 
-def clock(device: str) -> float:
-    """Wall time after the device's queued work has finished (CUDA runs asynchronously)."""
-    if device.startswith("cuda"):
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
+def _layer_stats(layers) -> tuple[float, float, bool, str]:
+    """(steps summed, worst relative residual, any diverged, first reason) of a record."""
+    if not layers:
+        return float("nan"), float("nan"), False, ""
+    diverged = [r.stats for r in layers if r.stats.diverged]
+    return (float(sum(r.stats.nstep for r in layers)), max(r.stats.rel_residual for r in layers),
+            bool(diverged), diverged[0].reason if diverged else "")
 
 
-def peak_memory_mb(device: str) -> float:
-    """CUDA: peak allocated since the epoch began. CPU: the process's peak RSS so far."""
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+# --- checkpoints -----------------------------------------------------------------------------
+
+def save_checkpoint(path: Path, model, opt, sched, state: dict, run_id, device: str) -> None:
+    """Tensors and plain containers only; ``rng`` holds one entry per rank (one today)."""
+    from pipeline.io import atomic_path
+    payload = {"model": model.state_dict(), "optimizer": opt.state_dict(),
+               "scheduler": sched.state_dict(), "rng": [rng_state(device)], "state": state,
+               "run_id": run_id}
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
 
 
-@torch.no_grad()
-def evaluate(model, cfg: TrainConfig, images: Tensor, labels: Tensor) -> float:
-    model.eval()
-    correct = 0
-    for i in range(0, len(labels), cfg.eval_batch_size):
-        logits, _ = model(images[i:i + cfg.eval_batch_size], cfg.forward_solver, cfg.estimator_config)
-        correct += (logits.argmax(1) == labels[i:i + cfg.eval_batch_size]).sum().item()
-    model.train()
-    return correct / len(labels)
-
-
-def diagnostics(model, cfg: TrainConfig, estimator: EstimatorConfig, x: Tensor, y: Tensor) -> dict:
-    """Gradient fidelity, backward cost and spectral radii on one batch, one set of dropout
-    masks, one h*: the estimator used against the exact implicit gradient, and its time
-    against implicit differentiation with the run's b_thres (side by side, same state)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    buffers = {k: v.clone() for k, v in model.named_buffers()}  # BatchNorm stats stay untouched
-    func, h0, shapes = model.problem(x)
-    h_star, _ = solve(func, h0, cfg.forward_solver)
-
-    def grad_of(est: EstimatorConfig) -> Tensor:
-        if est.name in ("unrolled", "bptt"):
-            h, _ = implicit_layer(func, h0, cfg.forward_solver, est)
-        else:
-            h = attach_estimator(func, h_star, est)
-        loss = Fn.cross_entropy(model.head(unpack(h, shapes)), y)
-        grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
-        return torch.cat([(g if g is not None else torch.zeros_like(p)).flatten()
-                          for g, p in zip(grads, params)])
-
-    def timed(est: EstimatorConfig) -> tuple[Tensor, float]:
-        t0 = clock(cfg.device)
-        g = grad_of(est)
-        return g, clock(cfg.device) - t0
-
-    used, used_s = timed(estimator)
-    # An implicit run's gradient is the reference itself: no second identical backward.
-    same = (estimator.name == "implicit"
-            and estimator.backward_solver == cfg.implicit_config.backward_solver)
-    implicit_s = used_s if same else timed(cfg.implicit_config)[1]
-    exact = grad_of(cfg.exact_config)
-    gen = torch.Generator(device=x.device).manual_seed(cfg.seed)
-    rho = jacobian_spectral_radius(func, h_star, 1.0, cfg.power_iters, gen).mean().item()
-    rho_lam = jacobian_spectral_radius(func, h_star, cfg.lam, cfg.power_iters, gen).mean().item()
-    with torch.no_grad():
-        for k, v in model.named_buffers():
-            v.copy_(buffers[k])
-    return {"grad_cosine": Fn.cosine_similarity(used, exact, dim=0).item(),
-            "grad_norm_used": used.norm().item(), "grad_norm_exact": exact.norm().item(),
-            "grad_used_s": used_s, "grad_implicit_s": implicit_s,
-            "backward_speedup": implicit_s / used_s,
-            "rho_dF_dh": rho, "rho_dFlam_dh": rho_lam}
+def load_checkpoint(path: Path) -> dict:
+    """``weights_only=True`` onto the CPU: the RNG states must stay CPU ByteTensors, and
+    load_state_dict moves the rest onto the model's device."""
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 # --- the loop --------------------------------------------------------------------------------
 
-def save_checkpoint(path: Path, state: dict) -> None:
-    from pipeline.io import atomic_path
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
-
-
-def train(cfg: TrainConfig, data: dict, tracker, checkpoint: Path | None = None,
-          log=print) -> dict:
+def train(cfg: TrainConfig, task, tracker, checkpoint: Path | None = None, log=print,
+          rank: int = 0, world_size: int = 1) -> dict:
     """Train; return the results dict (also on divergence, with status "failed").
 
-    ``tracker`` is a :mod:`pipeline.tracking` run; ``checkpoint`` the file to resume
-    from and save to at each epoch end.
+    ``task`` is a built task (:func:`.tasks.get_task`); ``tracker`` a
+    :mod:`pipeline.tracking` run; ``checkpoint`` the file to resume from and save to.
     """
     torch.use_deterministic_algorithms(True, warn_only=True)
-    x_train, y_train = data["train"]
-    model, opt = build(cfg, data["meta"])
-    steps_per_epoch = len(y_train) // cfg.batch_size
+    torch.manual_seed(cfg.seed)
+    model = task.build_model()
+    opt = make_optimizer(cfg, model)
+    steps_per_epoch = task.steps_per_epoch(world_size)
     if cfg.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
-    sched = make_scheduler(cfg, opt, cfg.epochs * steps_per_epoch)
-    state = {"epoch": 0, "step": 0, "best_acc": 0.0, "best_epoch": 0, "history": [], "curves": []}
+    total_steps = cfg.epochs * steps_per_epoch
+    if cfg.max_steps:
+        total_steps = min(total_steps, cfg.max_steps)
+    sched = make_scheduler(cfg, opt, total_steps)
+    state = {"epoch": 0, "step": 0, "step_in_epoch": 0, "best": None, "best_step": 0,
+             "best_epoch": 0, "history": [], "curves": [], "memory_epoch": -1,
+             "logged_rows": 0, "logged_evals": 0}
+    metric = task.primary_metric
     if checkpoint is not None and checkpoint.exists():
-        ck = torch.load(checkpoint, map_location=cfg.device, weights_only=False)
+        ck = load_checkpoint(checkpoint)
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
-        torch.set_rng_state(ck["rng"])
+        set_rng_state(ck["rng"][rank])
         state = ck["state"]
-        log(f"resumed from {checkpoint} at epoch {state['epoch']}")
+        # Rows are logged right after each checkpoint; a kill in between leaves MLflow
+        # behind the checkpoint. Ask what it has, and log the rest once.
+        last_row = tracker.last_step(M.TRAIN_LOSS)
+        last_eval = tracker.last_step(M.eval_metric(metric))
+        state["logged_rows"] = sum(1 for r in state["curves"]
+                                   if last_row is not None and r["step"] <= last_row)
+        state["logged_evals"] = sum(1 for h in state["history"]
+                                    if last_eval is not None and h["step"] <= last_eval)
+        _flush(tracker, state, metric)
+        log(f"resumed from {checkpoint} at epoch {state['epoch']}, step {state['step']}")
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     tracker.set_tags({"trainable_params": n_params})
-    log(f"MDEQ-Tiny: {n_params:,} trainable parameters, {steps_per_epoch} steps per epoch")
+    log(f"{task.name} task, {type(model).__name__}: {n_params:,} trainable parameters, "
+        f"{steps_per_epoch} steps per epoch, {total_steps} steps")
+    diag_cfg = cfg.diagnostics_config
     model.train()
-    status, reason, rows = "finished", "", []
+    status, reason = "finished", ""
+
+    def save() -> None:
+        if checkpoint is not None:
+            save_checkpoint(checkpoint, model, opt, sched, state, tracker.run_id, cfg.device)
+        _flush(tracker, state, metric)
+
+    def evaluate(epoch_s: float | None) -> None:
+        values = task.evaluate(model, cfg.forward_solver, cfg.estimator_config)
+        value = values[metric]
+        better = (state["best"] is None
+                  or (value > state["best"] if task.higher_is_better else value < state["best"]))
+        if better:
+            state["best"], state["best_step"], state["best_epoch"] = value, state["step"], state["epoch"]
+        entry = {"epoch": state["epoch"], "step": state["step"], **values,
+                 "best": state["best"]}
+        if epoch_s is not None:
+            entry["epoch_s"] = epoch_s
+        state["history"].append(entry)
+
     try:
         for epoch in range(state["epoch"], cfg.epochs):
-            t_epoch = time.perf_counter()
-            if cfg.device.startswith("cuda"):
-                torch.cuda.reset_peak_memory_stats(cfg.device)  # peak memory is per epoch
-            rows = []
-            epoch_batches = itertools.islice(
-                batches(len(y_train), cfg.batch_size, cfg.seed, epoch), steps_per_epoch)
-            for idx in progress(epoch_batches, steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}",
-                                every=30.0):
-                step = state["step"]
-                pretraining = step < cfg.pretrain_steps
-                est = cfg.pretrain_config if pretraining else cfg.estimator_config
-                x, y = x_train[idx], y_train[idx]
-                t0 = clock(cfg.device)
-                logits, stats = model(x, cfg.forward_solver, est)
-                loss = Fn.cross_entropy(logits, y)
-                t1 = clock(cfg.device)
-                if not math.isfinite(loss.item()):
-                    raise Divergence(f"non-finite loss {loss.item()} at step {step}")
-                if stats.diverged:
-                    raise Divergence(f"forward solver: {stats.reason} at step {step}")
-                if not pretraining and stats.rel_residual > cfg.diverge_residual:
-                    raise Divergence(f"forward residual {stats.rel_residual:.3g} > "
-                                     f"{cfg.diverge_residual:g} at step {step}")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                t2 = clock(cfg.device)
-                opt.step()
-                sched.step()
-                t3 = clock(cfg.device)
-                row = {"loss": loss.item(), "train_acc": (logits.argmax(1) == y).float().mean().item(),
-                       "lr": opt.param_groups[0]["lr"], "forward_steps": stats.nstep,
-                       "forward_rel_residual": stats.rel_residual if stats.rel_trace else float("nan"),
-                       "forward_s": t1 - t0, "backward_s": t2 - t1, "step_s": t3 - t0,
-                       "pretraining": float(pretraining)}
-                if cfg.diagnostics_every and step % cfg.diagnostics_every == 0:
-                    row.update(diagnostics(model, cfg, est, x, y))
-                rows.append((step, row))
+            if state["step"] >= total_steps:
+                break
+            epoch_s = 0.0
+            batches = itertools.islice(task.batches("train", epoch, rank, world_size),
+                                       state["step_in_epoch"], steps_per_epoch)
+            todo = min(steps_per_epoch - state["step_in_epoch"], total_steps - state["step"])
+            for batch in progress(itertools.islice(batches, todo), todo,
+                                  f"epoch {epoch + 1}/{cfg.epochs}", every=30.0):
+                row = _step(cfg, task, model, opt, sched, batch, state, diag_cfg)
+                epoch_s += row.pop("_train_s")
+                state["curves"].append({"step": state["step"], **row})
                 state["step"] += 1
-            acc = evaluate(model, cfg, *data["test"])
-            epoch_s = time.perf_counter() - t_epoch
-            if acc > state["best_acc"]:
-                state["best_acc"], state["best_epoch"] = acc, epoch + 1
-            state["epoch"] = epoch + 1
-            state["history"].append({"epoch": epoch + 1, "test_acc": acc, "epoch_s": epoch_s,
-                                     "peak_memory_mb": peak_memory_mb(cfg.device)})
-            _record_rows(tracker, state, rows)
-            tracker.log_metrics({"test_acc": acc, "best_test_acc": state["best_acc"],
-                                 "epoch_s": epoch_s,
-                                 "peak_memory_mb": state["history"][-1]["peak_memory_mb"]},
-                                step=epoch + 1)
-            log(f"epoch {epoch + 1}/{cfg.epochs}: test acc {acc:.4f} (best {state['best_acc']:.4f}),"
-                f" loss {rows[-1][1]['loss']:.4f}, {epoch_s:.1f}s")
-            if checkpoint is not None:
-                save_checkpoint(checkpoint, {"model": model.state_dict(), "optimizer": opt.state_dict(),
-                                             "scheduler": sched.state_dict(),
-                                             "rng": torch.get_rng_state(), "state": state,
-                                             "run_id": tracker.run_id})
+                state["step_in_epoch"] += 1
+                if cfg.eval_every and state["step"] % cfg.eval_every == 0:
+                    evaluate(None)
+                if cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0:
+                    save()
+            state["epoch"], state["step_in_epoch"] = epoch + 1, 0
+            evaluate(epoch_s)
+            last = state["curves"][-1][M.TRAIN_LOSS] if state["curves"] else float("nan")
+            log(f"epoch {epoch + 1}/{cfg.epochs}: {metric} {state['history'][-1][metric]:.4f} "
+                f"(best {state['best']:.4f}), loss {last:.4f}, {epoch_s:.1f}s")
+            save()
     except Divergence as err:
-        _record_rows(tracker, state, rows)
+        _flush(tracker, state, metric)
         status, reason = "failed", str(err)
         log(f"DIVERGED: {reason}")
         tracker.fail(reason)
-    return _results(cfg, state, status, reason, n_params)
+    return _results(cfg, task, state, status, reason, n_params)
 
 
-def _record_rows(tracker, state: dict, rows: list) -> None:
-    """An epoch's step rows go to MLflow (batched) and to the curves kept in the state."""
-    state["curves"] += [{"step": s, **row} for s, row in rows]
-    if not rows:
-        return
-    keys = sorted({k for _, row in rows for k in row})
-    steps = [s for s, _ in rows]
-    tracker.log_curves({k: [row.get(k, float("nan")) for _, row in rows] for k in keys}, steps)
+def _step(cfg: TrainConfig, task, model, opt, sched, batch, state: dict,
+          diag_cfg: DiagnosticsConfig) -> dict:
+    """One training step (and its diagnostics); returns its row of metrics."""
+    step = state["step"]
+    pretraining = step < cfg.pretrain_steps
+    est = task.pretrain_estimator(model) if pretraining else cfg.estimator_config
+    diagnose_now = bool(cfg.diagnostics_every) and step % cfg.diagnostics_every == 0 \
+        and not pretraining
+    measure = not pretraining and state["memory_epoch"] != state["epoch"]
+    if measure:
+        state["memory_epoch"] = state["epoch"]
+    rng = rng_state(cfg.device) if diagnose_now else None
+    memory = peak_memory(cfg.device) if measure else nullcontext()
+    with memory as mem:
+        t0 = clock(cfg.device)
+        with record_layers() as layers:
+            loss, metrics = task.loss(model, batch, cfg.forward_solver, est)
+        t1 = clock(cfg.device)
+        value = loss.item()
+        nsteps, residual, diverged, why = _layer_stats(layers)
+        if diverged:  # the cause first: a diverged solve makes the loss non-finite too
+            raise Divergence(f"forward solver: {why} at step {step}")
+        if not math.isfinite(value):
+            raise Divergence(f"non-finite loss {value} at step {step}")
+        if not pretraining and residual > cfg.diverge_residual:
+            raise Divergence(f"forward residual {residual:.3g} > {cfg.diverge_residual:g} at "
+                             f"step {step}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        t2 = clock(cfg.device)
+    row = {M.TRAIN_LOSS: value, **{M.train_metric(k): v for k, v in metrics.items()},
+           M.PRETRAINING: float(pretraining), M.SOLVER_NSTEPS: nsteps,
+           M.SOLVER_REL_RESIDUAL: residual}
+    if diagnose_now:
+        d0 = time.perf_counter()
+        row.update(diagnose(model, task.loss, batch, layers, rng, diag_cfg, step))
+        row[M.TIME_DIAGNOSTICS] = time.perf_counter() - d0
+    del layers
+    t3 = clock(cfg.device)
+    opt.step()
+    sched.step()
+    t4 = clock(cfg.device)
+    row[M.TRAIN_LR] = opt.param_groups[0]["lr"]
+    row["_train_s"] = (t2 - t0) + (t4 - t3)
+    if measure:
+        row[M.MEMORY_STEP_PEAK] = mem.peak_mb  # this step ran under the counter: no times
+    else:
+        row.update({M.TIME_FORWARD: t1 - t0, M.TIME_BACKWARD: t2 - t1,
+                    M.TIME_STEP: (t2 - t0) + (t4 - t3)})
+    return row
 
 
-def _results(cfg: TrainConfig, state: dict, status: str, reason: str, n_params: int) -> dict:
-    hist = state["history"]
-    trained = [r for r in state["curves"] if not r["pretraining"]]  # the estimator's own steps
-    n = max(1, len(trained))
-    mean = {key: sum(r[key] for r in trained) / n for key in ("forward_s", "backward_s", "step_s")}
-    speedups = [r["backward_speedup"] for r in trained if "backward_speedup" in r]
+def _flush(tracker, state: dict, metric: str) -> None:
+    """Log the step rows and evaluations that MLflow does not have yet (batched)."""
+    rows = state["curves"][state["logged_rows"]:]
+    if rows:
+        keys = sorted({k for row in rows for k in row if k != "step"})
+        tracker.log_curves({k: [row.get(k, float("nan")) for row in rows] for k in keys},
+                           [row["step"] for row in rows])
+    for entry in state["history"][state["logged_evals"]:]:
+        out = {M.eval_metric(k): v for k, v in entry.items()
+               if k not in ("epoch", "step", "best", "epoch_s")}
+        out[M.best_eval_metric(metric)] = entry["best"]
+        if "epoch_s" in entry:
+            out[M.TIME_EPOCH] = entry["epoch_s"]
+        tracker.log_metrics(out, step=entry["step"])
+    state["logged_rows"], state["logged_evals"] = len(state["curves"]), len(state["history"])
+
+
+def _median(values):
+    values = [v for v in values if v == v]
+    return statistics.median(values) if values else None
+
+
+def _results(cfg: TrainConfig, task, state: dict, status: str, reason: str, n_params: int) -> dict:
+    from pipeline.tracking import git_commit
+    hist, metric = state["history"], task.primary_metric
+    trained = [r for r in state["curves"] if not r[M.PRETRAINING]]  # the estimator's steps
+    timed = [r for r in trained if M.TIME_STEP in r]
+
+    def mean(key):
+        return sum(r[key] for r in timed) / len(timed) if timed else None
+
+    diags = [r for r in trained if M.GRAD_REF_CONVERGED in r]
+    good = [r for r in diags if r[M.GRAD_REF_CONVERGED] == 1.0]
+    epochs = [h for h in hist if "epoch_s" in h]
     return {
-        "status": status, "reason": reason, "dataset": cfg.dataset,
-        "estimator": cfg.estimator, "k": cfg.k, "lam": cfg.lam,
-        "pretrain_steps": cfg.pretrain_steps, "dropout": cfg.dropout, "optimizer": cfg.optimizer,
+        "status": status, "reason": reason, "git_commit": git_commit(), "task": cfg.task,
+        "dataset": task.dataset, "model": cfg.model, "estimator": cfg.estimator, "k": cfg.k,
+        "lam": cfg.lam, "pretrain_steps": cfg.pretrain_steps, "optimizer": cfg.optimizer,
         "epochs_completed": state["epoch"], "epochs": cfg.epochs, "steps": state["step"],
-        "best_test_acc": state["best_acc"] if hist else None, "best_epoch": state["best_epoch"],
-        "final_test_acc": hist[-1]["test_acc"] if hist else None,
-        "time_per_epoch_s": sum(h["epoch_s"] for h in hist) / len(hist) if hist else None,
-        "peak_memory_mb": max((h["peak_memory_mb"] for h in hist), default=None),
-        "mean_forward_s": mean["forward_s"], "mean_backward_s": mean["backward_s"],
-        "mean_step_s": mean["step_s"], "trainable_params": n_params,
-        # same batch, same h*: implicit (b_thres) gradient time / this estimator's
-        "backward_speedup_vs_implicit": sum(speedups) / len(speedups) if speedups else None,
+        "primary_metric": metric, "eval_split": task.eval_split,
+        "best": state["best"], "best_step": state["best_step"], "best_epoch": state["best_epoch"],
+        "final": hist[-1][metric] if hist else None,
+        "time_per_epoch_s": sum(h["epoch_s"] for h in epochs) / len(epochs) if epochs else None,
+        "peak_memory_mb": max((r[M.MEMORY_STEP_PEAK] for r in trained
+                               if M.MEMORY_STEP_PEAK in r), default=None),
+        "mean_forward_s": mean(M.TIME_FORWARD), "mean_backward_s": mean(M.TIME_BACKWARD),
+        "mean_step_s": mean(M.TIME_STEP), "trainable_params": n_params,
+        "diagnostics": {
+            "count": len(diags),
+            "reference": "implicit gradient at the recorded h*, GMRES per sample, float64, "
+                         f"tol {cfg.reference_tol:g}, restart {cfg.reference_restart}",
+            "ref_converged_fraction": len(good) / len(diags) if diags else None,
+            "median_ref_rel_residual": _median([r[M.GRAD_REF_REL_RESIDUAL] for r in diags]),
+            "max_ref_rel_residual": max((r[M.GRAD_REF_REL_RESIDUAL] for r in diags), default=None),
+            "median_cos_sim": _median([r[M.GRAD_COS] for r in good]),
+            "median_cos_sim_F": _median([r.get(M.GRAD_COS_PART.format(part="F"), float("nan"))
+                                         for r in good]),
+            "median_forward_rel_residual": _median([r[M.SOLVER_REL_RESIDUAL] for r in diags]),
+            "median_grad_s": _median([r.get(M.TIME_GRAD, float("nan")) for r in diags]),
+            "median_grad_implicit_s": _median([r.get(M.TIME_GRAD_IMPLICIT, float("nan"))
+                                               for r in diags]),
+            "median_grad_speedup_vs_implicit": _median([r.get(M.GRAD_SPEEDUP, float("nan"))
+                                                        for r in diags]),
+            "median_diagnostics_s": _median([r[M.TIME_DIAGNOSTICS] for r in diags]),
+        },
         "history": hist, "curves": state["curves"],
     }
 
@@ -372,15 +412,14 @@ def _results(cfg: TrainConfig, state: dict, status: str, reason: str, n_params: 
 # --- CLI edge --------------------------------------------------------------------------------
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--name", required=True, help="ablation name (ablations.runs.<name>)")
-    parser.add_argument("--params", required=True, help="merged ablation params, JSON")
-    parser.add_argument("--data", required=True, help="data/<dataset> directory")
-    parser.add_argument("--out", required=True, help="results/ablations/<name>")
-    parser.add_argument("--checkpoints", default="checkpoints/ablations")
+    parser.add_argument("--study", required=True, help="the study: the MLflow experiment")
+    parser.add_argument("--name", required=True, help="the run, an entry of <study>.runs")
+    parser.add_argument("--params", required=True, help="the merged run params, JSON")
+    parser.add_argument("--data", required=True, help="the task's data directory")
+    parser.add_argument("--out", required=True, help="results/<study>/<name>")
+    parser.add_argument("--checkpoints", default="checkpoints")
     parser.add_argument("--scale", default="default")
-    parser.add_argument("--tracking-uri", default="none")
-    parser.add_argument("--artifacts", default="mlruns/artifacts")
-    parser.add_argument("--tags", default="{}")
+    M.add_run_arguments(parser)
     parser.add_argument("--threads", type=int, default=0)
 
 
@@ -389,33 +428,31 @@ def main(args) -> int:
     from pipeline.config import params_hash
     from pipeline.io import write_csv, write_json
 
+    import pandas as pd
+
     if args.threads:
         torch.set_num_threads(args.threads)
     params = json.loads(args.params)
     cfg = TrainConfig.from_params(params)
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"ablation {args.name}: device={cfg.device!r} but no CUDA device is "
-                         "visible; run the paper scale on a GPU node (profiles/slurm) or set "
-                         "ablations.defaults.device: cpu")
+        raise SystemExit(f"{args.study} run {args.name}: device={cfg.device!r} but no CUDA "
+                         "device is visible; run the paper scale on a GPU node (profiles/slurm) "
+                         f"or set {args.study}.defaults.device: cpu")
     phash = params_hash(params)
-    checkpoint = Path(args.checkpoints) / args.name / phash / "last.pt"
+    checkpoint = Path(args.checkpoints) / args.study / args.name / phash / "last.pt"
+    run_id = load_checkpoint(checkpoint).get("run_id") if checkpoint.exists() else None
+    task = get_task(cfg.task)(cfg.model, cfg.data, args.data, cfg.device, cfg.batch_size,
+                              cfg.eval_batch_size, cfg.seed)
     checkpoint.parent.mkdir(parents=True, exist_ok=True)
-    run_id = None
-    if checkpoint.exists():
-        run_id = torch.load(checkpoint, map_location="cpu", weights_only=False).get("run_id")
-    data = load_tensors(args.data, cfg.device)
-    if data["meta"]["name"] != cfg.dataset:
-        raise ValueError(f"--data {args.data} holds {data['meta']['name']!r}, but the ablation's "
-                         f"dataset is {cfg.dataset!r}")
-    tags = {"study": "ablations", "ablation": args.name, "scale": args.scale,
-            "dataset": data["meta"]["name"], "params_hash": phash, **json.loads(args.tags)}
-    with tracking.start_run(args.tracking_uri, "ablations", args.name, tags,
-                            {"ablation": dataclasses.asdict(cfg), "name": args.name,
-                             "scale": args.scale},
-                            args.artifacts, run_id=run_id) as tracker:
-        results = train(cfg, data, tracker, checkpoint,
-                        log=lambda msg: print(msg, flush=True))
-        results.update(name=args.name, scale=args.scale, params_hash=phash,
+    tags = {"study": args.study, "run": args.name, "task": cfg.task, "scale": args.scale,
+            "dataset": task.dataset, "params_hash": phash, **json.loads(args.tags)}
+    with tracking.start_run(args.tracking_uri, args.study, args.name, tags,
+                            {"run": dataclasses.asdict(cfg), "study": args.study,
+                             "name": args.name, "scale": args.scale},
+                            args.artifacts, run_id=run_id,
+                            batch_size=args.tracking_batch_size) as tracker:
+        results = train(cfg, task, tracker, checkpoint, log=lambda msg: print(msg, flush=True))
+        results.update(study=args.study, name=args.name, scale=args.scale, params_hash=phash,
                        mlflow_run_id=tracker.run_id)
         out = Path(args.out)
         write_csv(pd.DataFrame(results.pop("curves")), out / "curves.csv")
@@ -425,7 +462,9 @@ def main(args) -> int:
     # The run has concluded: its checkpoint only served an interrupted job, and must not
     # turn a later forced rerun (say, after a code change) into a no-op resume.
     shutil.rmtree(checkpoint.parent, ignore_errors=True)
-    if not any(checkpoint.parent.parent.iterdir()):
-        checkpoint.parent.parent.rmdir()
-    print(f"{args.name}: {results['status']} {results['reason']} best acc {results['best_test_acc']}")
+    for folder in (checkpoint.parent.parent, checkpoint.parent.parent.parent):
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+    print(f"{args.study}/{args.name}: {results['status']} {results['reason']} best "
+          f"{results['primary_metric']} {results['best']}")
     return 0

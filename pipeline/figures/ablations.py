@@ -1,12 +1,19 @@
 """Ablation table and training figures, from results/ablations/<name>/ only.
 
-* ``ablations_table.csv`` / ``.md``: one row per ablation: status, accuracy
-  (best and final epoch), time per epoch, mean backward time, and the backward
-  speedup over implicit differentiation (the run's b_thres) measured side by side on
-  the same batch and h* during training, beside the paper's numbers where they exist;
-  the header names the scale and the dataset.
-* ``ablations_training.png`` / ``.pdf``: training loss, test accuracy, gradient
-  cosine similarity with the exact implicit gradient, rho(dF/dh) and rho(dF_lam/dh).
+* ``ablations_table.csv`` / ``.md``: one row per ablation: status, accuracy (best and
+  final epoch); the diagnostics-free time per step and its ratio to the matching
+  implicit run (same optimizer and dropout); the backward time from h* to the
+  parameter gradients, repeat-timed side by side with implicit differentiation on the
+  same batch and h*; the peak tensor memory of a training step; and the gradient's
+  cosine with the reference over F's parameters, with the reference residual reached
+  and the fraction of diagnostics whose reference converged. Beside the paper's numbers
+  where they exist; the header names the scale and the dataset.
+* ``ablations_training.png`` / ``.pdf``: training loss, test accuracy, the cosine of
+  the applied gradient with the reference over F's parameters (only where the
+  reference met its tolerance; hollow where the forward residual at h* missed f_tol),
+  rho(dF/dh) and rho(dF_lam/dh).
+
+A figure whose cosine panel has no converged reference point is an error, not a pass.
 
     python -m pipeline report-ablations --results results/ablations/mdeq ... --out figures/ablations
 """
@@ -16,8 +23,11 @@ from pathlib import Path
 
 import pandas as pd
 
+from pipeline import tracking as M
 from pipeline.figures.common import plt, save
 from pipeline.io import atomic_path, read_json
+
+COS_F = M.GRAD_COS_PART.format(part="F")
 
 # The paper's ablation table could not be read (shared/reference/paper-numbers.md);
 # its abstract gives the backward speedup of phantom gradients.
@@ -27,35 +37,69 @@ REFERENCE_NOTE = (
     "Reference: the paper's ablation accuracies could not be read (not available). MDEQ-Tiny "
     "has 170K parameters in the paper and 158,986 in the official TINY config at 32x32x3 "
     "(ours: the same 158,986; fewer on 8x8x1 digits). Backward speedup: the abstract's ~1.7x; "
-    "ours is measured during training, on the same batch and h*, against implicit "
-    "differentiation with the run's b_thres.")
+    "ours is the time from h* to the parameter gradients, median of repeats after a warm-up, "
+    "alternating with implicit differentiation (the run's b_thres) on the same batch and h*. "
+    "cos F: cosine of the applied gradient with the exact implicit gradient at the h* the "
+    "forward solver found (GMRES per sample, float64), over F's parameters, median over the "
+    "diagnostics whose reference converged; ref residual: the worst per-sample relative "
+    "residual of that reference (median over diagnostics).")
+
+
+class ReportError(RuntimeError):
+    """The results cannot make a trustworthy figure."""
 
 
 def load(result_dirs: list[str | Path]) -> dict[str, dict]:
     out = {}
     for d in map(Path, result_dirs):
         metrics = read_json(d / "metrics.json")
+        if "diagnostics" not in metrics:
+            raise ReportError(f"{d}/metrics.json predates the shared training loop; rerun it")
         out[metrics["name"]] = {"metrics": metrics, "curves": pd.read_csv(d / "curves.csv")}
     return out
+
+
+def matching_implicit(name: str, runs: dict[str, dict]) -> str | None:
+    """The implicit run with this run's optimizer and dropout: its training-time reference."""
+    m = runs[name]["metrics"]
+    if m["estimator"] == "implicit":
+        return None
+    for other, run in runs.items():
+        o = run["metrics"]
+        if (o["estimator"] == "implicit" and o["optimizer"] == m["optimizer"]
+                and o["model"].get("dropout") == m["model"].get("dropout")
+                and o["status"] == "finished"):
+            return other
+    return None
 
 
 def table(runs: dict[str, dict]) -> pd.DataFrame:
     rows = []
     for name, run in runs.items():
-        m = run["metrics"]
+        m, d = run["metrics"], run["metrics"]["diagnostics"]
         est = m["estimator"] + (f" A{m['k']},{m['lam']:g}" if m["estimator"] in ("upg", "npg") else "")
+        ref = matching_implicit(name, runs)
+        ratio = None
+        if ref and m["mean_step_s"] and runs[ref]["metrics"]["mean_step_s"]:
+            ratio = runs[ref]["metrics"]["mean_step_s"] / m["mean_step_s"]
         rows.append({
             "ablation": name,
             "status": m["status"] if m["status"] == "finished" else f"FAILED: {m['reason']}",
             "estimator": est, "optimizer": m["optimizer"],
-            "pretrain_steps": m["pretrain_steps"], "dropout": m["dropout"],
-            "best_acc_%": _pct(m["best_test_acc"]), "final_acc_%": _pct(m["final_test_acc"]),
+            "pretrain_steps": m["pretrain_steps"], "dropout": m["model"].get("dropout"),
+            "best_acc_%": _pct(m["best"]), "final_acc_%": _pct(m["final"]),
             "paper_acc_%": NOT_AVAILABLE,
             "epochs": f"{m['epochs_completed']}/{m['epochs']}",
-            "time_per_epoch_s": m["time_per_epoch_s"],
-            "backward_s": m["mean_backward_s"],
-            "backward_speedup_vs_implicit": m.get("backward_speedup_vs_implicit"),
+            "step_s": m["mean_step_s"],
+            "train_speedup_vs_implicit": ratio, "implicit_run": ref or "",
+            "grad_s": d["median_grad_s"], "grad_implicit_s": d["median_grad_implicit_s"],
+            "backward_speedup_vs_implicit": d["median_grad_speedup_vs_implicit"],
             "paper_backward_speedup": PAPER_BACKWARD_SPEEDUP.get(m["estimator"], ""),
+            "step_peak_mb": m["peak_memory_mb"],
+            "cos_F": d["median_cos_sim_F"], "cos_all": d["median_cos_sim"],
+            "ref_residual": d["median_ref_rel_residual"],
+            "ref_converged": (f"{d['ref_converged_fraction']:.0%} of {d['count']}"
+                              if d["count"] else "no diagnostics"),
         })
     return pd.DataFrame(rows)
 
@@ -74,24 +118,38 @@ def header(runs: dict[str, dict]) -> str:
 
 def plot_training(runs: dict[str, dict]):
     fig, axes = plt.subplots(1, 4, figsize=(18, 4))
+    converged_points = 0
     for name, run in runs.items():
         c, m = run["curves"], run["metrics"]
         if c.empty:
             continue
-        loss = c["loss"].rolling(10, min_periods=1).mean()
+        loss = c[M.TRAIN_LOSS].rolling(10, min_periods=1).mean()
         line, = axes[0].plot(c.step, loss, label=name)
-        hist = pd.DataFrame(m["history"])
+        color = line.get_color()
+        hist = pd.DataFrame([h for h in m["history"] if "epoch_s" in h])
         if not hist.empty:
-            axes[1].plot(hist.epoch, 100 * hist.test_acc, marker="o", color=line.get_color())
-        if "grad_cosine" in c:
-            d = c.dropna(subset=["grad_cosine"])
-            axes[2].plot(d.step, d.grad_cosine, marker=".", color=line.get_color())
-            axes[3].plot(d.step, d.rho_dF_dh, marker=".", color=line.get_color())
-            axes[3].plot(d.step, d.rho_dFlam_dh, ls="--", color=line.get_color())
+            axes[1].plot(hist.epoch, 100 * hist[m["primary_metric"]], marker="o", color=color)
+        if M.GRAD_REF_CONVERGED not in c:
+            continue
+        d = c[c[M.GRAD_REF_CONVERGED] == 1.0]
+        converged_points += len(d)
+        tight = d[d[M.FORWARD_CONVERGED] == 1.0]
+        loose = d[d[M.FORWARD_CONVERGED] != 1.0]
+        axes[2].plot(d.step, d[COS_F], color=color, alpha=0.5)
+        axes[2].scatter(tight.step, tight[COS_F], color=color, s=18)
+        axes[2].scatter(loose.step, loose[COS_F], facecolors="none", edgecolors=color, s=18)
+        diag = c.dropna(subset=[M.RHO])
+        axes[3].plot(diag.step, diag[M.RHO], marker=".", color=color)
+        axes[3].plot(diag.step, diag[M.RHO_LAMBDA], ls="--", color=color)
+    if converged_points == 0:
+        raise ReportError("no diagnostics point has a converged reference: the cosine panel "
+                          "would be empty (see grad/ref_rel_residual in the curves)")
     titles = ("training loss (10-step mean)", "test accuracy (%)",
-              "cos(gradient used, exact implicit)", "ρ(∂F/∂h) solid, ρ(∂F_λ/∂h) dashed")
+              "cos(applied, exact at the found h*), F's params\n"
+              "converged references only; hollow: forward residual > f_tol",
+              "ρ(∂F/∂h) solid, ρ(∂F_λ/∂h) dashed")
     for ax, title, xlabel in zip(axes, titles, ("step", "epoch", "step", "step")):
-        ax.set_title(title, fontsize=10)
+        ax.set_title(title, fontsize=9)
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
@@ -109,12 +167,13 @@ def main(args) -> int:
     from pipeline.io import write_csv
     runs = load(args.results)
     out = Path(args.out)
+    fig = plot_training(runs)  # first: an untrustworthy figure writes nothing
     frame = table(runs)
     write_csv(frame, out / "ablations_table.csv")
     with atomic_path(out / "ablations_table.md") as tmp:
         tmp.write_text(f"{header(runs)}\n\n{frame.to_markdown(index=False, floatfmt='.4g')}\n\n"
                        f"{REFERENCE_NOTE}\n")
-    save(plot_training(runs), out, "ablations_training")
+    save(fig, out, "ablations_training")
     print(header(runs))
     print(frame.to_string(index=False))
     return 0

@@ -41,6 +41,7 @@ Training modes (chosen by the caller through :class:`~pipeline.deq.EstimatorConf
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -130,10 +131,47 @@ class MDEQConfig:
     def num_branches(self) -> int:
         return len(self.channels)
 
+    @classmethod
+    def from_params(cls, params: dict, **data_fields) -> "MDEQConfig":
+        """A run's ``model:`` block: ``preset`` (a key of ``PRESETS``) plus overrides.
+
+        ``data_fields`` (in_channels, num_classes, image_size) come from the dataset and
+        may not be set in the block. Unknown keys and presets are refused, naming them.
+        """
+        params = dict(params)
+        preset = params.pop("preset", "tiny")
+        if preset not in PRESETS:
+            raise ValueError(f"model preset {preset!r}; valid presets: {sorted(PRESETS)}")
+        names = {f.name for f in dataclasses.fields(cls)} - set(DATA_FIELDS)
+        unknown = sorted(set(params) - names)
+        if unknown:
+            raise ValueError(f"unknown MDEQ model keys {unknown}; valid keys: "
+                             f"{sorted(names | {'preset'})} ({', '.join(DATA_FIELDS)} come "
+                             "from the dataset)")
+        return cls(**{**PRESETS[preset], **params, **data_fields})
+
     def state_shapes(self, image_size: Optional[int] = None) -> list[Shape]:
         """(C, H, W) of each branch of the equilibrium state for a square input."""
         size = (self.image_size if image_size is None else image_size) // 2 ** self.downsample_times
         return [(c, size // 2 ** i, size // 2 ** i) for i, c in enumerate(self.channels)]
+
+
+DATA_FIELDS = ("in_channels", "num_classes", "image_size")
+
+# Named presets; each is the dataclass defaults (TINY) plus these changes. Counted at the
+# presets' datasets: tiny 158,986 (CIFAR-10), large_cifar 11,098,398 (CIFAR-10),
+# small_imagenet 16,808,936 (ImageNet, 224x224, 1000 classes).
+PRESETS: dict[str, dict] = {
+    # locuslab/mdeq cls_mdeq_TINY.yaml
+    "tiny": {},
+    # Gsunshine/phantom_grad LARGE: 4 branches, dropout 0
+    "large_cifar": {"channels": (32, 64, 128, 256), "head_channels": (14, 28, 56, 112),
+                    "final_channels": 1680, "dropout": 0.0},
+    # Gsunshine/phantom_grad ImageNet SMALL: expansion 5, 2 stem downsamplings, 5 layers
+    "small_imagenet": {"channels": (32, 64, 128, 256), "head_channels": (24, 48, 96, 192),
+                       "final_channels": 2048, "downsample_times": 2, "num_layers": 5,
+                       "dropout": 0.0},
+}
 
 
 # ---------------------------------------------------------------------------------------
@@ -395,6 +433,11 @@ class MDEQ(nn.Module):
         self.cell = MultiscaleCell(config)
         self.head = ClassificationHead(config)
         self._init_weights()
+
+    def parts(self) -> dict[str, nn.Module]:
+        """The model's parts for per-part gradient diagnostics: F (the implicit layer),
+        the injection (stem) and the head."""
+        return {"F": self.cell, "injection": self.stem, "head": self.head}
 
     def _init_weights(self) -> None:
         """The official ``init_weights``: N(0, init_std) convs, BatchNorm (1, 0).

@@ -1,54 +1,41 @@
-# MDEQ-Tiny ablations (appendix §4.2): one job per entry of ablations.runs.
-# Each job's params are its own merged entry, so editing one entry reruns only that job
-# (and the report); editing ablations.defaults reruns them all.
+# MDEQ-Tiny ablations (appendix §4.2): one job per entry of ablations.runs, built with the
+# training-study helpers of common.smk.
 
-ABLATIONS = PARAMS["ablations"]
-ABLATION_NAMES = list(ABLATIONS["runs"])
-
-
-wildcard_constraints:
-    ablation="|".join(ABLATION_NAMES),
+ABLATION_NAMES = run_names("ablations")
 
 
 rule train_ablation:
     input:
-        data=lambda wc: dataset_files(ablation_params(wc.ablation)["dataset"]),
-        tracking=ancient(TRACKING_READY),
+        unpack(train_inputs("ablations")),
     output:
-        metrics="results/ablations/{ablation}/metrics.json",
-        curves="results/ablations/{ablation}/curves.csv",
+        metrics="results/ablations/{run}/metrics.json",
+        curves="results/ablations/{run}/curves.csv",
     params:
-        run=lambda wc: as_json(ablation_params(wc.ablation)),
-        data_dir=lambda wc: f"{PARAMS['data']['root']}/{ablation_params(wc.ablation)['dataset']}",
-        out=subpath(output.metrics, parent=True),
-        scale=SCALE,
-        tracking=tracking_args(),
-        tags=lambda wc: job_tags("train_ablation", ablation=wc.ablation),
+        **train_params("ablations", "train_ablation"),
     log:
-        "logs/train_ablation/{ablation}.log",
+        "logs/train_ablation/{run}.log",
     benchmark:
-        "benchmarks/rules/train_ablation/{ablation}.tsv"
+        "benchmarks/rules/train_ablation/{run}.tsv"
+    wildcard_constraints:
+        run="|".join(ABLATION_NAMES),
     threads: 1
     resources:
-        gpu=lambda wc: int(ablation_params(wc.ablation)["device"].startswith("cuda")),
+        gpu=train_gpu("ablations"),
     conda:
         "../../envs/pipeline.yaml"
     shell:
-        "python -m pipeline train --name {wildcards.ablation} --params {params.run:q}"
-        " --data {params.data_dir:q} --out {params.out:q} --checkpoints checkpoints/ablations"
-        " --scale {params.scale} {params.tracking} --tags {params.tags:q} --threads {threads}"
-        " > {log} 2>&1"
+        TRAIN_SHELL
 
 
 rule report_ablations:
     input:
-        metrics=expand("results/ablations/{ablation}/metrics.json", ablation=ABLATION_NAMES),
-        curves=expand("results/ablations/{ablation}/curves.csv", ablation=ABLATION_NAMES),
+        metrics=expand("results/ablations/{run}/metrics.json", run=ABLATION_NAMES),
+        curves=expand("results/ablations/{run}/curves.csv", run=ABLATION_NAMES),
     output:
         table=multiext("figures/ablations/ablations_table", ".csv", ".md"),
         training=multiext("figures/ablations/ablations_training", ".png", ".pdf"),
     params:
-        dirs=expand("results/ablations/{ablation}", ablation=ABLATION_NAMES),
+        dirs=expand("results/ablations/{run}", run=ABLATION_NAMES),
     log:
         "logs/report_ablations.log",
     benchmark:

@@ -5,7 +5,7 @@ import sys
 
 from snakemake.settings.types import DeploymentMethod
 
-from pipeline.config import ParamsError, load
+from pipeline.config import TRAIN_STUDIES, ParamsError, load, study_run
 
 try:
     PARAMS = load(config)  # params.yaml + --config overrides, scale applied, schema-validated
@@ -32,7 +32,8 @@ def as_json(obj):
 
 
 def tracking_args():
-    return (f"--tracking-uri {TRACKING['uri']} --artifacts {TRACKING['artifacts']}")
+    return (f"--tracking-uri {TRACKING['uri']} --artifacts {TRACKING['artifacts']}"
+            f" --tracking-batch-size {TRACKING['batch_size']}")
 
 
 def job_tags(rule, **wildcards):
@@ -45,6 +46,51 @@ def dataset_files(name):
     return [ancient(f"{root}/{name}/{f}") for f in ("train.npz", "test.npz", "meta.json")]
 
 
-def ablation_params(name):
-    """ablations.defaults merged with ablations.runs.<name>: one job's whole configuration."""
-    return {**PARAMS["ablations"]["defaults"], **PARAMS["ablations"]["runs"][name]}
+# --- training studies: one job per entry of <study>.runs, all through `python -m pipeline train`
+# A study's training job is declared with these helpers and the wildcard {run}, as in
+#     input: unpack(train_inputs(STUDY)), output: results/STUDY/{run}/{metrics.json,curves.csv},
+#     params: **train_params(STUDY, "rule_name"), resources: gpu=train_gpu(STUDY), shell: TRAIN_SHELL
+# Each job's params are its own merged run, so editing one entry reruns only that job (and
+# what reads its results); editing <study>.defaults reruns them all.
+
+
+def run_config(study, name):
+    """<study>.defaults deep-merged with <study>.runs.<name>: one job's whole configuration."""
+    return study_run(PARAMS, study, name)
+
+
+def run_names(study):
+    return list(PARAMS[study]["runs"])
+
+
+def run_data_dir(run):
+    return f"{PARAMS['data']['root']}/{run['data']['dataset']}"
+
+
+def train_inputs(study):
+    return lambda wc: {"data": dataset_files(run_config(study, wc.run)["data"]["dataset"]),
+                       "tracking": ancient(TRACKING_READY)}
+
+
+def train_params(study, rule):
+    return {
+        "study": study,
+        "run": lambda wc: as_json(run_config(study, wc.run)),
+        "data_dir": lambda wc: run_data_dir(run_config(study, wc.run)),
+        "out": lambda wc: f"results/{study}/{wc.run}",
+        "scale": SCALE,
+        "tracking": tracking_args(),
+        "tags": lambda wc: job_tags(rule, run=wc.run),
+    }
+
+
+def train_gpu(study):
+    return lambda wc: int(run_config(study, wc.run)["device"].startswith("cuda"))
+
+
+TRAIN_SHELL = (
+    "python -m pipeline train --study {params.study} --name {wildcards.run}"
+    " --params {params.run:q} --data {params.data_dir:q} --out {params.out:q}"
+    " --checkpoints checkpoints --scale {params.scale} {params.tracking}"
+    " --tags {params.tags:q} --threads {threads} > {log} 2>&1"
+)

@@ -8,7 +8,7 @@ rule init_tracking:
     params:
         uri=TRACKING["uri"],
         artifacts=TRACKING["artifacts"],
-        experiments=["synthetic", "ablations"],
+        experiments=["synthetic", *TRAIN_STUDIES],
     log:
         "logs/init_tracking.log",
     benchmark:

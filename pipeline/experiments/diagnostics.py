@@ -1,0 +1,237 @@
+"""Gradient diagnostics of one training step: the one routine every study uses.
+
+Run on the step's own state, before the optimizer step: the same batch, the same
+dropout masks (the RNG state of the step's forward is restored), the same h* (the
+layer record of :func:`pipeline.deq.record_layers`), and the gradient the optimizer
+is about to apply (``p.grad``, after clipping). What it measures:
+
+* **Reference**: the exact implicit gradient *at the h* the forward solver found*
+  (paper Eq. 4): a float64 copy of the model replays the forward at the recorded h*
+  with the backward system (I - J^T) g = dL/dh solved per sample by restarted GMRES
+  (``pipeline.deq.gmres``) to ``reference_tol``. Its worst per-sample relative residual
+  is logged every time; a reference that misses its tolerance, or whose replayed F
+  does not match the recorded one, is flagged (``grad/ref_converged`` = 0), and its
+  cosine must not be read as trustworthy. The forward residual at h* is logged beside
+  it: where it is large, the "exact" gradient is exact for a point that is not a fixed
+  point.
+* **Cosine** of the applied gradient with the reference over the whole model and per
+  part (``F``, ``injection``, ``head``, from the model's ``parts()``); the head's
+  gradient is the same for every estimator, so the whole-model cosine overstates
+  agreement. L1 norms of both.
+* **Backward time** from h* to the parameter gradients, for this estimator and for
+  implicit differentiation with the run's backward budget, on the same inputs: one
+  warm-up each, then the median of ``timing_repeats`` repeats, alternating which
+  goes first.
+* **Spectral radii** rho(dF/dh) and rho(dF_lam/dh) at h* by the power method, with the
+  iterations used and whether the estimate settled.
+
+Nothing here changes training: the global RNG is forked and restored, BatchNorm
+buffers are restored, and ``p.grad`` is read, never written.
+"""
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from pipeline import tracking as M
+from pipeline.deq import (EstimatorConfig, LayerRecord, SolverConfig, replay_layers,
+                          spectral_radius)
+
+Tensor = torch.Tensor
+
+REPLAY_MISMATCH_TOL = 1e-4  # float32 record vs float64 replay of F(h*); a wrong mask gives O(1)
+
+
+@dataclass(frozen=True)
+class DiagnosticsConfig:
+    """How one diagnostics call works; built by the loop from its TrainConfig."""
+
+    forward_solver: SolverConfig
+    estimator: EstimatorConfig          # the run's
+    implicit: EstimatorConfig           # implicit with the run's backward budget
+    reference: EstimatorConfig          # implicit, GMRES, float64, tight
+    lam: float = 0.5
+    timing_repeats: int = 3
+    power_iters: int = 20
+    power_tol: float = 1e-3
+    seed: int = 0
+    device: str = "cpu"
+
+
+def clock(device: str) -> float:
+    """Wall time after the device's queued work has finished (CUDA runs asynchronously)."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def cast_batch(batch: Any, dtype: torch.dtype) -> Any:
+    """Floating tensors of a (nested) batch cast to ``dtype``; everything else as is."""
+    if isinstance(batch, Tensor):
+        return batch.to(dtype) if batch.is_floating_point() else batch
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(cast_batch(b, dtype) for b in batch)
+    if isinstance(batch, dict):
+        return {k: cast_batch(v, dtype) for k, v in batch.items()}
+    return batch
+
+
+def part_names(model) -> dict[str, list[str]]:
+    """Parameter names per part of the model (``model.parts()``), in named_parameters order."""
+    parts = model.parts() if hasattr(model, "parts") else {}
+    out = {}
+    for part, module in parts.items():
+        ids = {id(p) for p in module.parameters()}
+        out[part] = [n for n, p in model.named_parameters() if id(p) in ids and p.requires_grad]
+    return out
+
+
+def _flat(grads: dict[str, Tensor], names: list[str]) -> Tensor:
+    return torch.cat([grads[n].reshape(-1).double() for n in names])
+
+
+def _cos(a: Tensor, b: Tensor) -> float:
+    denom = a.norm() * b.norm()
+    return float((a @ b) / denom) if denom > 0 else float("nan")
+
+
+class _Restore:
+    """Fork the global RNG at ``rng_state`` (the step's forward) and restore it, and the
+    model's buffers, afterwards."""
+
+    def __init__(self, model, rng_state: dict, device: str):
+        self.model, self.rng_state, self.device = model, rng_state, device
+
+    def __enter__(self):
+        devices = [torch.device(self.device)] if self.device.startswith("cuda") else []
+        self.fork = torch.random.fork_rng(devices=devices)
+        self.fork.__enter__()
+        set_rng_state(self.rng_state)
+        self.buffers = {k: v.clone() for k, v in self.model.named_buffers()}
+        return self
+
+    def __exit__(self, *exc):
+        with torch.no_grad():
+            for k, v in self.model.named_buffers():
+                v.copy_(self.buffers[k])
+        return self.fork.__exit__(*exc)
+
+
+def rng_state(device: str) -> dict:
+    """The global RNG state (CPU and, on CUDA, every device's), as plain tensors."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.startswith("cuda"):
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["cpu"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+def replay_grads(model, loss_fn: Callable, batch, layers: list[LayerRecord],
+                 estimator: EstimatorConfig, rng: dict, device: str,
+                 solver: SolverConfig) -> tuple[dict[str, Tensor], float, list, list]:
+    """Parameter gradients of the step's loss with ``estimator`` at the recorded h*.
+
+    Returns (grads by name, seconds from the first implicit layer to the gradients,
+    the backward SolverStats, the replayed F of each layer).
+    """
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    backward_stats, started = [], []
+    with _Restore(model, rng, device):
+        with replay_layers(layers, estimator, backward_stats, started) as replay:
+            loss, _ = loss_fn(model, batch, solver, estimator)
+        grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
+        done = clock(device)
+    out = {n: (g if g is not None else torch.zeros_like(p)) for (n, p), g in zip(named, grads)}
+    return out, done - started[0], backward_stats, replay.funcs
+
+
+def diagnose(model, loss_fn: Callable, batch, layers: list[LayerRecord], rng: dict,
+             cfg: DiagnosticsConfig, step: int) -> dict[str, float]:
+    """The metrics of one diagnostics call (names from :mod:`pipeline.tracking`).
+
+    ``loss_fn(model, batch, solver, estimator) -> (loss, metrics)`` is the task's loss;
+    ``rng`` the RNG state taken just before the step's forward; ``layers`` that
+    forward's layer record. Reads the applied gradient from ``p.grad``.
+    """
+    if not layers:
+        raise ValueError("diagnostics need a layer record: the step solved no implicit layer")
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    applied = {n: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
+               for n, p in named}
+    out: dict[str, float] = {}
+
+    # Reference: float64 replay at the recorded h*, GMRES backward.
+    model64 = copy.deepcopy(model).double()
+    ref, _, ref_stats, funcs64 = replay_grads(model64, loss_fn, cast_batch(batch, torch.float64),
+                                              layers, cfg.reference, rng, cfg.device,
+                                              cfg.forward_solver)
+    mismatch = 0.0
+    with torch.no_grad():
+        for record, f64 in zip(layers, funcs64):
+            f32 = record.func(record.h_star)
+            diff = (f64(record.h_star.double()) - f32.double()).norm() / f32.norm().clamp_min(1e-30)
+            mismatch = max(mismatch, diff.item())
+    del model64
+    solved = all(s.converged for s in ref_stats)
+    out[M.GRAD_REF_REL_RESIDUAL] = max(max(s.sample_rel_residual, default=s.rel_residual)
+                                       for s in ref_stats)
+    out[M.GRAD_REF_NSTEPS] = float(sum(s.nstep for s in ref_stats))
+    out[M.GRAD_REF_REPLAY_MISMATCH] = mismatch
+    out[M.GRAD_REF_CONVERGED] = float(solved and mismatch <= REPLAY_MISMATCH_TOL)
+
+    names = [n for n, _ in named]
+    a, r = _flat(applied, names), _flat(ref, names)
+    out[M.GRAD_COS] = _cos(a, r)
+    for part, pnames in part_names(model).items():
+        if pnames:
+            out[M.GRAD_COS_PART.format(part=part)] = _cos(_flat(applied, pnames), _flat(ref, pnames))
+    out[M.GRAD_NORM_L1] = a.abs().sum().item()
+    out[M.GRAD_REF_NORM_L1] = r.abs().sum().item()
+
+    # Forward residual at this h*.
+    out[M.FORWARD_CONVERGED] = float(all(rec.stats.converged for rec in layers))
+
+    # Backward time from h*: this estimator and implicit (b_thres), alternating, median.
+    out.update(_time_backwards(model, loss_fn, batch, layers, rng, cfg))
+
+    # Spectral radii at h* (worst layer), with the generator of this step.
+    gen = torch.Generator(device=layers[0].h_star.device).manual_seed(cfg.seed * 1_000_003 + step)
+    for lam, key, iters_key, settled_key in ((1.0, M.RHO, M.RHO_ITERS, M.RHO_SETTLED),
+                                             (cfg.lam, M.RHO_LAMBDA, M.RHO_LAMBDA_ITERS,
+                                              M.RHO_LAMBDA_SETTLED)):
+        ests = [spectral_radius(rec.func, rec.h_star, lam, cfg.power_iters, gen, cfg.power_tol)
+                for rec in layers]
+        out[key] = max(e.rho.mean().item() for e in ests)
+        out[iters_key] = float(max(e.iters for e in ests))
+        out[settled_key] = float(all(e.settled for e in ests))
+    return out
+
+
+def _time_backwards(model, loss_fn, batch, layers, rng, cfg: DiagnosticsConfig) -> dict:
+    used = cfg.estimator
+    if used.effective.name in ("unrolled", "bptt"):
+        return {}  # these have no h* to start from
+    same = used.name == "implicit" and used.backward_solver == cfg.implicit.backward_solver
+    estimators = [used] if same else [used, cfg.implicit]
+    times: list[list[float]] = [[] for _ in estimators]
+    for rep in range(cfg.timing_repeats + 1):        # repeat 0 is the warm-up
+        order = range(len(estimators)) if rep % 2 == 0 else reversed(range(len(estimators)))
+        for i in order:
+            _, seconds, _, _ = replay_grads(model, loss_fn, batch, layers, estimators[i], rng,
+                                            cfg.device, cfg.forward_solver)
+            if rep:
+                times[i].append(seconds)
+    used_s = statistics.median(times[0])
+    implicit_s = used_s if same else statistics.median(times[1])
+    return {M.TIME_GRAD: used_s, M.TIME_GRAD_IMPLICIT: implicit_s,
+            M.GRAD_SPEEDUP: implicit_s / used_s}
