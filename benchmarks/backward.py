@@ -419,13 +419,15 @@ def run(args) -> list[dict]:
     return rows
 
 
-def write_csv(rows: list[dict], path: Path) -> None:
+def write_csv(rows: list[dict], path: Path, columns: list[str] = COLUMNS) -> None:
+    """Floats with 6 significant digits; a column a row lacks is left empty."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=COLUMNS)
+        w = csv.DictWriter(fh, fieldnames=columns)
         w.writeheader()
         for r in rows:
-            w.writerow({c: (f"{r[c]:.6g}" if isinstance(r[c], float) else r[c]) for c in COLUMNS})
+            w.writerow({c: (f"{r[c]:.6g}" if isinstance(r.get(c), float) else r.get(c, ""))
+                        for c in columns})
 
 
 def plot(rows: list[dict], stem: Path) -> list[Path]:
@@ -579,7 +581,7 @@ def main(argv=None) -> list[dict]:
     if not args.no_diagnostics:
         log = print if not args.silent else (lambda *a, **k: None)
         diag = diagnostics.from_backward_args(args)
-        diagnostics.write_csv(diagnostics.run(diag, log), diag.csv)
+        write_csv(diagnostics.run(diag, log), diag.csv, diagnostics.COLUMNS)
         print(f"wrote {diag.csv}")
     return rows
 

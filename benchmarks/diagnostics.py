@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import statistics
 import tempfile
 import time
@@ -170,16 +169,6 @@ def run(args, log=print) -> list[dict]:
     return rows
 
 
-def write_csv(rows: list[dict], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=COLUMNS)
-        w.writeheader()
-        for r in rows:
-            w.writerow({c: (f"{r[c]:.6g}" if isinstance(r.get(c), float) else r.get(c, ""))
-                        for c in COLUMNS})
-
-
 def add_arguments(p: argparse.ArgumentParser, quick: bool) -> None:
     full = dict(batch=32, steps=41, every=10, cifar_batch=8, cifar_steps=11, train_steps=120)
     small = dict(batch=8, steps=3, every=2, cifar_batch=2, cifar_steps=3, train_steps=4)
@@ -201,8 +190,9 @@ def main(argv=None) -> list[dict]:
     known, _ = p.parse_known_args(argv)
     add_arguments(p, known.quick)
     args = from_backward_args(p.parse_args(argv))
+    from benchmarks.backward import write_csv
     rows = run(args)
-    write_csv(rows, args.csv)
+    write_csv(rows, args.csv, COLUMNS)
     print(f"wrote {args.csv}")
     return rows
 

@@ -38,7 +38,8 @@ TIME_FORWARD = "time/forward_s"            # training step: forward, loss includ
 TIME_BACKWARD = "time/backward_s"          # training step: loss.backward()
 TIME_STEP = "time/step_s"                  # training step: forward + backward + optimizer
 TIME_DIAGNOSTICS = "time/diagnostics_s"    # the diagnostics of a step, timed on their own
-TIME_EPOCH = "time/epoch_s"                # an epoch's training steps, diagnostics excluded
+TIME_EPOCH = "time/epoch_s"                # an epoch's timed training steps (no diagnostics,
+                                           # no memory-measured step)
 MEMORY_STEP_PEAK = "memory/step_peak_mb"   # tensor memory of one training step
 # Diagnostics (pipeline.experiments.diagnostics): the applied gradient against the
 # reference, the exact implicit gradient at the h* the forward solver found (GMRES, float64).
@@ -60,6 +61,8 @@ RHO_ITERS = "spectral/rho_iters"
 RHO_SETTLED = "spectral/rho_settled"
 RHO_LAMBDA_ITERS = "spectral/rho_lambda_iters"
 RHO_LAMBDA_SETTLED = "spectral/rho_lambda_settled"
+RHO_CHANGE = "spectral/rho_change"         # the last power step's largest relative change
+RHO_LAMBDA_CHANGE = "spectral/rho_lambda_change"
 
 
 def eval_metric(name: str) -> str:

@@ -339,7 +339,7 @@ def test_tracked_run_has_curves_tags_and_params(digits, tmp_path):
     assert [m.step for m in client.get_metric_history(rid, M.MEMORY_STEP_PEAK)] == [1]
     assert sorted(m.step for m in client.get_metric_history(rid, M.TIME_STEP)) == [0, 2]
     cos = client.get_metric_history(rid, M.GRAD_COS)
-    assert [m.step for m in cos] == [2]                # step 0 is pretraining
+    assert [m.step for m in cos] == [1]                # after every 2 steps: step 1
     for key in (M.GRAD_COS_PART.format(part="F"), M.GRAD_REF_REL_RESIDUAL, M.GRAD_REF_CONVERGED,
                 M.RHO, M.RHO_LAMBDA, M.RHO_ITERS, M.RHO_SETTLED, M.GRAD_NORM_L1,
                 M.GRAD_REF_NORM_L1, M.TIME_GRAD, M.TIME_GRAD_IMPLICIT, M.GRAD_SPEEDUP,

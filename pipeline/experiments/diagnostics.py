@@ -206,14 +206,16 @@ def diagnose(model, loss_fn: Callable, batch, layers: list[LayerRecord], rng: di
 
     # Spectral radii at h* (worst layer), with the generator of this step.
     gen = torch.Generator(device=layers[0].h_star.device).manual_seed(cfg.seed * 1_000_003 + step)
-    for lam, key, iters_key, settled_key in ((1.0, M.RHO, M.RHO_ITERS, M.RHO_SETTLED),
-                                             (cfg.lam, M.RHO_LAMBDA, M.RHO_LAMBDA_ITERS,
-                                              M.RHO_LAMBDA_SETTLED)):
+    for lam, keys in ((1.0, (M.RHO, M.RHO_ITERS, M.RHO_SETTLED, M.RHO_CHANGE)),
+                      (cfg.lam, (M.RHO_LAMBDA, M.RHO_LAMBDA_ITERS, M.RHO_LAMBDA_SETTLED,
+                                 M.RHO_LAMBDA_CHANGE))):
         ests = [spectral_radius(rec.func, rec.h_star, lam, cfg.power_iters, gen, cfg.power_tol)
                 for rec in layers]
-        out[key] = max(e.rho.mean().item() for e in ests)
-        out[iters_key] = float(max(e.iters for e in ests))
-        out[settled_key] = float(all(e.settled for e in ests))
+        rho, iters, settled, change = keys
+        out[rho] = max(e.rho.mean().item() for e in ests)
+        out[iters] = float(max(e.iters for e in ests))
+        out[settled] = float(all(e.settled for e in ests))
+        out[change] = max(e.change for e in ests)
     return out
 
 
