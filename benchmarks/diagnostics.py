@@ -11,8 +11,9 @@ writes ``results/benchmarks/diagnostics.csv``. See ``benchmarks/README.md`` for 
    default scale (scikit-learn digits, 8x8x1, batch 32) and at MDEQ-Tiny's CIFAR shape
    (32x32x3, random images, batch ``--cifar-batch``).
 2. **GMRES reference vs the 60-step Broyden reference** (``part = reference``), on the
-   ``no_pretrain`` ablation after ``--train-steps`` steps (rho(dF/dh) > 1 there), one
-   batch and one h*: the backward system (I - J^T) g = dL/dh solved by Broyden with
+   ``no_pretrain`` ablation trained for each of ``--diag-train-steps`` steps (a run each,
+   its cosine schedule over that many steps; rho(dF/dh) is near or above 1 there), one
+   batch and one h* per state: the backward system (I - J^T) g = dL/dh solved by Broyden with
    b_thres 24 (the run's own gradient), by Broyden with 60 steps and tol 1e-6 (the
    reference the diagnostics used before GMRES), and by GMRES (float64, tol 1e-8,
    restart 400). For each: wall time (median of 3), the worst per-sample relative
@@ -84,7 +85,9 @@ def cost_rows(root: Path, shape: str, batch: int, steps: int, every: int, log) -
 
 
 def reference_rows(root: Path, batch: int, train_steps: int, log) -> list[dict]:
-    data = _data(root, "digits")
+    data = root / "digits"
+    if not data.exists():
+        data = _data(root, "digits")
     params = {"max_steps": train_steps, "epochs": 100, "batch_size": batch, "pretrain_steps": 0,
               "diagnostics_every": 0}
     cfg = TrainConfig.from_params(params)  # the no_pretrain ablation: implicit, Adam, dropout
@@ -163,18 +166,20 @@ def run(args, log=print) -> list[dict]:
         rows.append(cost_rows(root, "digits", args.batch, args.steps, args.every, log))
         rows.append(cost_rows(root, "cifar_shape", args.cifar_batch, args.cifar_steps,
                               args.every, log))
-        rows += reference_rows(root, args.batch, args.train_steps, log)
+        for steps in args.train_steps:
+            rows += reference_rows(root, args.batch, steps, log)
     for r in rows:
         r.update(cpu=info["cpu"], threads=info["threads"], torch=info["torch"])
     return rows
 
 
 def add_arguments(p: argparse.ArgumentParser, quick: bool) -> None:
-    full = dict(batch=32, steps=41, every=10, cifar_batch=8, cifar_steps=11, train_steps=120)
-    small = dict(batch=8, steps=3, every=2, cifar_batch=2, cifar_steps=3, train_steps=4)
+    full = dict(batch=32, steps=41, every=10, cifar_batch=8, cifar_steps=11,
+                train_steps=[20, 40, 60, 100])
+    small = dict(batch=8, steps=3, every=2, cifar_batch=2, cifar_steps=3, train_steps=[4])
     for key, value in (small if quick else full).items():
         p.add_argument(f"--diag-{key.replace('_', '-')}", dest=f"diag_{key}", type=int,
-                       default=value)
+                       default=value, nargs="+" if isinstance(value, list) else None)
     p.add_argument("--diag-csv", type=Path, default=Path("results/benchmarks/diagnostics.csv"))
 
 

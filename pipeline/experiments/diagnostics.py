@@ -27,6 +27,11 @@ is about to apply (``p.grad``, after clipping). What it measures:
 
 Nothing here changes training: the global RNG is forked and restored, BatchNorm
 buffers are restored, and ``p.grad`` is read, never written.
+
+Under DDP (the vision issue), ``p.grad`` after ``backward()`` is the all-reduced
+gradient while the replays see the rank's own batch: the reference must then be
+all-reduced as well before the cosine, or the cosine must be taken against the local
+gradient (``no_sync``) and say so. Single-process runs have neither question.
 """
 from __future__ import annotations
 
