@@ -24,6 +24,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 
 Tensor = torch.Tensor
@@ -258,8 +259,6 @@ def gmres(f, x0, max_iter, tol, stop_mode="rel", callback=None, restart=200, **_
     over all restarts. Meant for references, in float64: f must be affine, which is not
     checked.
     """
-    import numpy as np
-
     bsz, shape = x0.shape[0], x0.shape
     n = x0[0].numel()
     m = max(1, min(restart, max_iter, n))
@@ -277,7 +276,7 @@ def gmres(f, x0, max_iter, tol, stop_mode="rel", callback=None, restart=200, **_
     while True:
         beta = torch.linalg.vector_norm(r, dim=1)
         beta_np = beta.cpu().numpy()
-        _record_linear(stats, beta_np, c_norm, total)
+        _record_linear(stats, beta_np, c_norm)
         active = beta_np > thresh
         if not np.isfinite(beta_np).all():
             stats.diverged, stats.reason = True, f"non-finite residual after {total} steps"
@@ -339,9 +338,8 @@ def gmres(f, x0, max_iter, tol, stop_mode="rel", callback=None, restart=200, **_
     return x.reshape(shape), stats
 
 
-def _record_linear(stats: SolverStats, r_norm, c_norm: Tensor, step: int) -> None:
+def _record_linear(stats: SolverStats, r_norm: np.ndarray, c_norm: Tensor) -> None:
     """GMRES bookkeeping: whole-batch and per-sample residuals of the current iterate."""
-    import numpy as np
     c = c_norm.cpu().numpy()
     abs_res = float(np.sqrt((r_norm ** 2).sum()))
     stats.abs_trace.append(abs_res)

@@ -189,11 +189,12 @@ def load_checkpoint(path: Path) -> dict:
 # --- the loop --------------------------------------------------------------------------------
 
 def train(cfg: TrainConfig, task, tracker, checkpoint: Path | None = None, log=print,
-          rank: int = 0, world_size: int = 1) -> dict:
+          rank: int = 0, world_size: int = 1, resume: dict | None = None) -> dict:
     """Train; return the results dict (also on divergence, with status "failed").
 
     ``task`` is a built task (:func:`.tasks.get_task`); ``tracker`` a
-    :mod:`pipeline.tracking` run; ``checkpoint`` the file to resume from and save to.
+    :mod:`pipeline.tracking` run; ``checkpoint`` the file to save to; ``resume`` a
+    checkpoint loaded by :func:`load_checkpoint` to continue from.
     """
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.manual_seed(cfg.seed)
@@ -210,8 +211,8 @@ def train(cfg: TrainConfig, task, tracker, checkpoint: Path | None = None, log=p
              "best_epoch": 0, "history": [], "curves": [], "memory_epoch": -1,
              "logged_rows": 0, "logged_evals": 0}
     metric = task.primary_metric
-    if checkpoint is not None and checkpoint.exists():
-        ck = load_checkpoint(checkpoint)
+    if resume is not None:
+        ck = resume
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
@@ -226,7 +227,8 @@ def train(cfg: TrainConfig, task, tracker, checkpoint: Path | None = None, log=p
         state["logged_evals"] = sum(1 for h in state["history"]
                                     if last_eval is not None and h["step"] <= last_eval)
         _flush(tracker, state, metric)
-        log(f"resumed from {checkpoint} at epoch {state['epoch']}, step {state['step']}")
+        log(f"resumed from {checkpoint or 'a checkpoint'} at epoch {state['epoch']}, "
+            f"step {state['step']}")
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     tracker.set_tags({"trainable_params": n_params})
     log(f"{task.name} task, {type(model).__name__}: {n_params:,} trainable parameters, "
@@ -443,7 +445,8 @@ def main(args) -> int:
                          f"or set {args.study}.defaults.device: cpu")
     phash = params_hash(params)
     checkpoint = Path(args.checkpoints) / args.study / args.name / phash / "last.pt"
-    run_id = load_checkpoint(checkpoint).get("run_id") if checkpoint.exists() else None
+    resume = load_checkpoint(checkpoint) if checkpoint.exists() else None
+    run_id = resume.get("run_id") if resume else None
     task = get_task(cfg.task)(cfg.model, cfg.data, args.data, cfg.device, cfg.batch_size,
                               cfg.eval_batch_size, cfg.seed)
     checkpoint.parent.mkdir(parents=True, exist_ok=True)
@@ -454,7 +457,8 @@ def main(args) -> int:
                              "name": args.name, "scale": args.scale},
                             args.artifacts, run_id=run_id,
                             batch_size=args.tracking_batch_size) as tracker:
-        results = train(cfg, task, tracker, checkpoint, log=lambda msg: print(msg, flush=True))
+        results = train(cfg, task, tracker, checkpoint, log=lambda msg: print(msg, flush=True),
+                        resume=resume)
         results.update(study=args.study, name=args.name, scale=args.scale, params_hash=phash,
                        mlflow_run_id=tracker.run_id)
         out = Path(args.out)
