@@ -1,8 +1,20 @@
 # Phantom-gradient pipeline: `snakemake --cores all figures` builds every figure and table.
 # Setup only: validation and helpers live in workflow/rules/common.smk, rules in one file per stage.
+import sys
+
 from snakemake.utils import min_version
 
+from pipeline.config import ParamsError, read_params
+
 min_version("9.0")
+
+# Parsed strictly first: Snakemake's own reader names neither the file nor the line of a
+# syntax error, and lets a repeated key silently win.
+try:
+    for path in ["params.yaml", *workflow.overwrite_configfiles]:
+        read_params(path)
+except ParamsError as err:
+    sys.exit(f"{err}\nNo job was started.")
 
 
 configfile: "params.yaml"
@@ -22,3 +34,11 @@ rule figures:
         rules.report_ablations.output,
     localrule: True
     default_target: True
+
+
+onsuccess:
+    report_failed_runs()
+
+
+onerror:
+    report_failed_runs()

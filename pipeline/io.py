@@ -40,5 +40,18 @@ def write_csv(frame, path: str | Path) -> None:
         frame.to_csv(tmp, index=False)
 
 
+def prune_empty_dirs(folder: str | Path, levels: int = 1) -> None:
+    """Remove ``folder``, then up to ``levels - 1`` of its parents, while each is an empty
+    directory: a failed job leaves no empty ``data/<name>/`` or ``checkpoints/...`` behind
+    (Snakemake makes a job's output folders before it runs)."""
+    folder = Path(folder)
+    for path in [folder, *folder.parents][:levels]:
+        if not path.exists():
+            continue
+        if not path.is_dir() or any(path.iterdir()) or path.resolve() == Path.cwd():
+            return
+        path.rmdir()
+
+
 def read_json(path: str | Path):
     return json.loads(Path(path).read_text())

@@ -209,8 +209,9 @@ def test_scale_override_with_bad_value_is_validated(raw):
     params = copy.deepcopy(raw)
     params["scales"]["paper"] = {**(params["scales"]["paper"] or {}), "synthetic.pairs": 0}
     _rejects(params, "synthetic.pairs", scale="paper")
-    # ... while the default scale, which does not apply it, stays valid
-    resolve(params, "default")
+    # ... and on a default run too, which does not apply it: a typo in a scale is named
+    # before anyone switches to that scale
+    _rejects(params, "synthetic.pairs", "scales.paper", scale="default")
 
 
 def test_unknown_scale(raw):
@@ -267,3 +268,102 @@ def test_snakemake_rejects_bad_params_before_any_job(raw, venv_bin, workflow_cop
     assert "Building DAG" not in out, "validation must fail before the DAG is planned"
     for folder in ("results", "logs", "mlruns", "figures", "benchmarks"):
         assert not (workflow_copy / folder).exists(), f"{folder}/ created by a failed validation"
+
+
+# --- bad values that once slipped through (issue 15): each as `snakemake -n figures` on a
+# copy of the workflow whose params.yaml has one value changed
+
+def _files(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*")
+            if ".snakemake" not in p.relative_to(root).parts}
+
+
+def _edit_text(text: str, pattern: str, replacement: str) -> str:
+    import re
+    edited, count = re.subn(pattern, replacement, text, count=1, flags=re.M)
+    assert count == 1, f"{pattern!r} not found in params.yaml"
+    return edited
+
+
+BAD_EDITS = {
+    # an integer-valued float, once accepted and then a TypeError in the job
+    "float_epochs": (r"^(    epochs:) 3\b", r"\1 3.0", ["ablations.defaults.epochs", "3.0",
+                                                        "integer"]),
+    "repeated_Lh": (r"^(  Lh:) \[0\.9, ", r"\1 [0.9, 0.9, ", ["synthetic.Lh", "non-unique"]),
+    "empty_root": (r"^(  root:) data\b", r'\1 ""', ["data.root", "empty"]),
+    "outside_root": (r"^(  root:) data\b", r"\1 /tmp/phantom-data", ["data.root", "outside",
+                                                                    "allow_outside_project"]),
+    "yaml_syntax": (r"^(  root:) data\b", r"\1 [data", ["params.yaml, line", "column"]),
+    "duplicate_key": (r"\Z", "scale: paper\n", ["duplicate key 'scale'", "params.yaml, line"]),
+    "defaults_solver": (r"^(    f_solver:) broyden", r"\1 bogus",
+                        ["ablations.defaults.f_solver", "'bogus'"]),
+    "paper_typo": (r"^(    ablations\.defaults\.)epochs:", r"\1epoch:",
+                   ["scales.paper", "'ablations.defaults.epoch'"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_EDITS))
+def test_snakemake_names_the_bad_key_and_writes_nothing(case, venv_bin, workflow_copy):
+    pattern, replacement, fragments = BAD_EDITS[case]
+    path = workflow_copy / "params.yaml"
+    path.write_text(_edit_text(path.read_text(), pattern, replacement))
+    before = _files(workflow_copy)
+    proc = _snakemake_dry(venv_bin, workflow_copy)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out
+    for fragment in fragments:
+        assert fragment in out, f"{fragment!r} not in:\n{out}"
+    assert "Traceback" not in out and "Building DAG" not in out, out
+    assert _files(workflow_copy) == before, "a refused params.yaml wrote files"
+
+
+def test_syntax_error_names_the_line_and_column(tmp_path, repo_root):
+    from pipeline.config import read_params
+    text = (repo_root / "params.yaml").read_text()
+    line = text.splitlines().index(next(l for l in text.splitlines() if l.startswith("  root:")))
+    path = tmp_path / "params.yaml"
+    path.write_text(_edit_text(text, r"^(  root:) data\b", r"\1 [data"))
+    with pytest.raises(ParamsError) as info:
+        read_params(path)
+    assert f"line {line + 2}" in str(info.value)  # the parser stops on the next line
+    path.write_text("a: 1\nb:\n  c: 2\n  c: 3\n")
+    with pytest.raises(ParamsError, match=r"line 4, column 3: duplicate key 'c' \(first at "
+                                          r"line 3\)"):
+        read_params(path)
+
+
+def test_Lh_wildcards_are_one_to_one(venv_bin, workflow_copy):
+    """0.9 and 0.9000001 once shared one folder; 0.9999999 and 1e-7 planned no job."""
+    from pipeline.config import lh_wildcard
+    values = [0.9, 0.9000001, 0.9999999, 1e-7, 0.5, 1 - 2 ** -52]
+    wildcards = [lh_wildcard(v) for v in values]
+    assert len(set(wildcards)) == len(values)
+    assert all(float(w) == v and w.startswith("0.") and "e" not in w
+               for w, v in zip(wildcards, values))
+    path = workflow_copy / "params.yaml"
+    path.write_text(_edit_text(path.read_text(), r"^(  Lh:) \[.*?\]",
+                               r"\1 [0.9, 0.9000001, 0.9999999, 1.0e-7]"))
+    proc = _snakemake_dry(venv_bin, workflow_copy)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    for w in ("0.9", "0.9000001", "0.9999999", "0.0000001"):
+        assert f"results/synthetic/Lh={w}/summary.json" in out, w
+
+
+def test_outside_root_is_allowed_when_asked(raw, tmp_path):
+    params = copy.deepcopy(raw)
+    params["data"].update(root=str(tmp_path / "shared-data"), allow_outside_project=True)
+    assert resolve(params)["data"]["root"] == str(tmp_path / "shared-data")
+    params["data"]["root"] = "../elsewhere"
+    params["data"]["allow_outside_project"] = False
+    _rejects(params, "data.root", "'../elsewhere'", "outside")
+
+
+def test_a_run_key_is_named_where_it_was_written(raw):
+    params = copy.deepcopy(raw)
+    params["ablations"]["runs"]["sgd"]["optimizer"] = "lbfgs"
+    message = _rejects(params, "ablations.runs.sgd.optimizer")
+    params = copy.deepcopy(raw)
+    params["ablations"]["defaults"]["model"]["dropout"] = 1.5
+    message = _rejects(params, "ablations.defaults.model.dropout")
+    assert "runs." not in message, message

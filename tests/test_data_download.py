@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tarfile
 import threading
+import time
 from functools import partial
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import numpy as np
 import pytest
 
 from pipeline.data import DataError, extract_archive, fetch, load_meta, load_split
+from pipeline.data.download import Limits
 from pipeline.data.cifar10 import prepare_cifar10
 from pipeline.data.imagenet import validate_imagenet
 
@@ -70,9 +72,24 @@ def md5(path: Path) -> str:
 
 
 class _Handler(http.server.SimpleHTTPRequestHandler):
-    """Static files, plus /short/<name>: announces the full length, sends half, hangs up."""
+    """Static files, plus /short/<name>: announces the full length, sends half, hangs up;
+    /trickle/<name>: announces the full length, then sends one byte every 50 ms."""
 
     def do_GET(self):
+        if self.path.startswith("/trickle/"):
+            blob = Path(self.directory, self.path.removeprefix("/trickle/")).read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(blob)))
+            self.end_headers()
+            try:
+                for i in range(min(len(blob), 600)):  # 30 s at most, then hang up
+                    self.wfile.write(blob[i:i + 1])
+                    self.wfile.flush()
+                    time.sleep(0.05)
+            except OSError:  # the client gave up: what the tests expect
+                pass
+            self.close_connection = True
+            return
         if self.path.startswith("/short/"):
             blob = Path(self.directory, self.path.removeprefix("/short/")).read_bytes()
             self.send_response(200)
@@ -190,7 +207,8 @@ def test_connection_closed_early_is_rejected(served, tmp_path):
 def test_unreachable_url_gives_a_clear_error(served, tmp_path, closed_url):
     _, _, digest, _ = served
     with pytest.raises(DataError) as err:
-        prepare_cifar10(tmp_path / "data" / "cifar10", url=closed_url, md5=digest, timeout=5)
+        prepare_cifar10(tmp_path / "data" / "cifar10", url=closed_url, md5=digest,
+                        limits=Limits(timeout_s=5))
     message = str(err.value)
     assert closed_url in message and "refused" in message.lower()
     assert "set data.cifar10.mirror" in message and "dvc pull" in message
@@ -297,18 +315,23 @@ def test_cli_command(served, tmp_path, closed_url):
     assert not (tmp_path / "elsewhere" / "cifar10").exists()
 
 
-def test_snakemake_rules(served, tmp_path, repo_root):
-    """The real rules (workflow/rules/data.smk) under the real common.smk, against the server."""
+def _data_workflow(folder: Path, repo_root: Path, **cifar10) -> None:
+    """A Snakefile with the real common.smk and data.smk, and params.yaml with
+    ``data.cifar10`` updated by ``cifar10``."""
     import yaml
-
-    base, _, digest, contents = served
     params = yaml.safe_load((repo_root / "params.yaml").read_text())
-    params["data"]["cifar10"].update(url=f"{base}/cifar-10-python.tar.gz", md5=digest)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    (tmp_path / "Snakefile").write_text(
+    params["data"]["cifar10"].update(cifar10)
+    (folder / "params.yaml").write_text(yaml.safe_dump(params))
+    (folder / "Snakefile").write_text(
         'configfile: "params.yaml"\n'
         f'include: "{repo_root}/workflow/rules/common.smk"\n'
         f'include: "{repo_root}/workflow/rules/data.smk"\n')
+
+
+def test_snakemake_rules(served, tmp_path, repo_root):
+    """The real rules (workflow/rules/data.smk) under the real common.smk, against the server."""
+    base, _, digest, contents = served
+    _data_workflow(tmp_path, repo_root, url=f"{base}/cifar-10-python.tar.gz", md5=digest)
     run = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "2",
                           "--workflow-profile", "none", "download_cifar10", "export_digits"],
                          cwd=tmp_path, capture_output=True, text=True, env=_env())
@@ -376,3 +399,107 @@ def test_imagenet_malformed_tree_fails_clearly(tmp_path, damage, message):
     if damage != "bad_image":  # structural damage: the message says what the tree must look like
         assert "ImageFolder" in str(err.value)
     assert not manifest.parent.exists()
+
+
+# --- downloads that cannot hang, kills that leave nothing (issue 15) ------------------------
+
+@pytest.mark.parametrize("limits, reason", [
+    (Limits(timeout_s=5, deadline_s=1.5, min_rate_bytes_per_s=0), "deadline of 1.5 s passed"),
+    (Limits(timeout_s=5, deadline_s=60, min_rate_bytes_per_s=1000, rate_window_s=1.0),
+     "below 1000"),
+])
+def test_a_trickling_server_fails_within_its_limits(served, tmp_path, limits, reason):
+    """20 bytes/s: each read returns within the socket timeout, so only the deadline and the
+    rate can stop it."""
+    base, _, digest, _ = served
+    start = time.monotonic()
+    with pytest.raises(DataError, match=reason):
+        prepare_cifar10(tmp_path / "data" / "cifar10", url=f"{base}/trickle/cifar-10-python.tar.gz",
+                        md5=digest, limits=limits)
+    assert time.monotonic() - start < min(limits.deadline_s, 3 * limits.rate_window_s) + 1.0
+    assert_nothing_left(tmp_path / "data")
+
+
+def _wait_for(predicate, seconds: float = 20.0) -> None:
+    end = time.monotonic() + seconds
+    while not predicate():
+        assert time.monotonic() < end, "timed out waiting"
+        time.sleep(0.05)
+
+
+def test_sigterm_mid_download_leaves_no_part_file(served, tmp_path):
+    """scancel sends SIGTERM: the download's cleanup runs as after any other failure."""
+    import signal
+    base, _, digest, _ = served
+    data = tmp_path / "data"
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "data", "cifar10",
+                             "--out", str(data / "cifar10"), "--md5", digest,
+                             "--url", f"{base}/trickle/cifar-10-python.tar.gz"],
+                            cwd=tmp_path, stderr=subprocess.PIPE, text=True, env=_env())
+    _wait_for(lambda: any(data.rglob("*.part")) if data.exists() else False)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "stopped by SIGTERM" in err
+    assert not data.exists(), sorted(p.name for p in data.rglob("*"))
+
+
+def test_leftovers_of_a_killed_run_are_removed_on_the_next_start(served, tmp_path):
+    """SIGKILL runs no cleanup: the next start removes what it left."""
+    _, root, digest, contents = served
+    data = tmp_path / "data"
+    (data / ".cifar10.x1.tmp").mkdir(parents=True)
+    (data / ".cifar10.x1.tmp" / ".cifar-10-python.tar.gz.y.part").write_bytes(b"half")
+    (data / ".cifar10.x2.old").mkdir()
+    (data / "unrelated.txt").write_text("kept")
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "data", "cifar10",
+                           "--out", "data/cifar10", "--md5", digest, "--url", "http://unused",
+                           "--archive", str(root / "cifar-10-python.tar.gz")],
+                          cwd=tmp_path, capture_output=True, text=True, env=_env())
+    assert proc.returncode == 0, proc.stderr
+    assert "left by an earlier killed run" in proc.stderr
+    assert sorted(p.name for p in data.iterdir()) == ["cifar10", "unrelated.txt"]
+    assert_cifar_layout(data / "cifar10", contents)
+
+
+def test_cli_refuses_an_md5_the_schema_refuses(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "data", "cifar10", "--out",
+                           "data/cifar10", "--url", "http://unused", "--md5",
+                           "C58F30108F718F92721AF3B95E74349A"],
+                          cwd=tmp_path, capture_output=True, text=True, env=_env())
+    assert proc.returncode == 2 and "is not an md5" in proc.stderr, proc.stderr
+    assert not (tmp_path / "data").exists()
+
+
+def test_sigint_to_snakemake_ends_a_download_promptly(served, tmp_path, repo_root):
+    """Ctrl-C on `snakemake` during a trickling download: it stops within seconds and
+    leaves neither a .part file nor a half dataset. A terminal sends SIGINT to the whole
+    foreground process group, Snakemake and its jobs (Snakemake itself waits for running
+    jobs), so the test does the same, with SIGINT's default action restored (a shell
+    ignores it in background commands, and the child would inherit that)."""
+    import signal
+
+    base, _, digest, _ = served
+    _data_workflow(tmp_path, repo_root, url=f"{base}/trickle/cifar-10-python.tar.gz", md5=digest)
+    proc = subprocess.Popen([sys.executable, "-m", "snakemake", "--cores", "1",
+                             "--workflow-profile", "none", "download_cifar10"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=_env(), start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    data = tmp_path / "data"
+    _wait_for(lambda: any(data.rglob("*.part")) if data.exists() else False, 60)
+    start = time.monotonic()
+    os.killpg(proc.pid, signal.SIGINT)
+    out, _ = proc.communicate(timeout=30)
+    assert time.monotonic() - start < 15, out
+    assert proc.returncode != 0, out
+    left = sorted(str(p.relative_to(tmp_path)) for p in data.rglob("*")) if data.exists() else []
+    assert left == [], left
+
+
+def test_download_limit_defaults_are_the_params_yaml_values(repo_root):
+    import dataclasses
+
+    import yaml
+    params = yaml.safe_load((repo_root / "params.yaml").read_text())
+    assert dataclasses.asdict(Limits()) == params["data"]["download"]

@@ -6,6 +6,7 @@ CLI runs); the resume test kills a real subprocess.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -308,6 +309,67 @@ def test_nan_loss_and_solver_divergence_are_recorded_as_failed(digits, tmp_path,
         assert m["steps"] == 2 and len(pd.read_csv(tmp_path / fault / "curves.csv")) == 2
     finally:
         task_registry.TASKS.pop("broken_image")
+
+
+def test_an_exploding_loss_is_a_failed_run_not_a_finished_one(digits, tmp_path):
+    """Adam at lr 1000 sent the loss from 2.2 to 1.7e8 with no NaN, and the run once ended
+    "finished" with chance accuracy."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    params = {**TINY, "lr": 1000.0, "weight_decay": 0.0}
+    m = _failed_run(tmp_path, "exploding", params, digits, uri)
+    assert "x the early loss" in m["reason"] and "(step 0) at step 1" in m["reason"]
+    losses = pd.read_csv(tmp_path / "exploding" / "curves.csv")[M.TRAIN_LOSS]
+    assert len(losses) == m["steps"] >= 1 and losses.map(math.isfinite).all()
+    # the same run with the rule off goes on past the step where it was stopped
+    off = run_train("off", {**params, "diverge_loss_factor": None}, digits, tmp_path / "off",
+                    tmp_path / "ck")
+    assert off["steps"] > m["steps"], off
+
+
+def test_sigterm_marks_the_run_failed_keeps_the_checkpoint_and_resumes(digits, tmp_path,
+                                                                        venv_bin):
+    """scancel sends SIGTERM: MLflow says FAILED with the signal, the last checkpoint stays,
+    and the rerun resumes it; a job stopped before its first checkpoint leaves no empty
+    checkpoints/ folder."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking import init_store
+    params = {**TINY, "epochs": 2, "max_steps_per_epoch": 6, "checkpoint_every": 2}
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    init_store(uri, str(tmp_path / "artifacts"), ["ablations"])
+    ckpt_root = tmp_path / "ck"
+    cmd = [str(venv_bin / "python"), "-m", "pipeline",
+           *argv("term", params, digits, tmp_path / "out", ckpt_root, uri)]
+
+    early = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in early.stdout:  # stopped once training is set up, before any checkpoint
+        if "trainable parameters" in line:
+            break
+    early.send_signal(signal.SIGTERM)
+    out, _ = early.communicate(timeout=60)
+    assert early.returncode == 128 + signal.SIGTERM, out
+    assert not ckpt_root.exists(), sorted(map(str, ckpt_root.rglob("*")))
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not list(ckpt_root.glob("ablations/term/*/last.pt")) and time.time() < deadline:
+        assert proc.poll() is None, proc.stdout.read()[-2000:]
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM and "stopped by SIGTERM" in out, out
+    assert list(ckpt_root.glob("ablations/term/*/last.pt")), "the checkpoint must stay"
+    client = MlflowClient(uri)
+    run = client.search_runs([client.get_experiment_by_name("ablations").experiment_id],
+                             "attributes.run_name = 'term'", order_by=["attributes.start_time DESC"])[0]
+    assert run.info.status == "FAILED"
+    assert run.data.tags["failure_reason"] == "Terminated: stopped by SIGTERM"
+
+    resumed = subprocess.run(cmd, capture_output=True, text=True)
+    assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stderr[-2000:]
+    after = client.get_run(run.info.run_id)
+    assert after.info.status == "FINISHED" and "failure_reason" not in after.data.tags
+    assert not ckpt_root.exists(), "a concluded run leaves no checkpoints/ folder"
 
 
 # --- tracking --------------------------------------------------------------------------------

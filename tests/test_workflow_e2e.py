@@ -18,6 +18,8 @@ import yaml
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
+DIVERGENT = ("exploding",)  # tiny.yaml's run that must end "failed"
+
 FIGURES = [f"synthetic/synthetic_{name}" for name in (
     "cosine.png", "cosine.pdf", "solver_dynamics.png", "solver_dynamics.pdf", "summary.csv",
     "summary.md")] + [f"ablations/ablations_{name}" for name in (
@@ -49,6 +51,7 @@ def workflow(tmp_path_factory, repo_root: Path, venv_bin: Path):
     shutil.copy(repo_root / "tests" / "configs" / "tiny.yaml", work / "tiny.yaml")
     proc = snakemake(work, venv_bin, "figures", "--configfile", "tiny.yaml")
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    (work / "snakemake.out").write_text(proc.stdout + proc.stderr)
     return work
 
 
@@ -85,19 +88,38 @@ def test_one_mlflow_run_per_job_with_curves(workflow):
     tiny = yaml.safe_load((workflow / "tiny.yaml").read_text())
     params = yaml.safe_load((workflow / "params.yaml").read_text())
     expected = {"synthetic": len(tiny["synthetic"]["Lh"]),
-                "ablations": len(params["ablations"]["runs"])}
+                "ablations": len({**params["ablations"]["runs"], **tiny["ablations"]["runs"]})}
     for study, count in expected.items():
         exp = client.get_experiment_by_name(study)
         runs = client.search_runs([exp.experiment_id])
         assert len(runs) == count, study
         for run in runs:
-            assert run.info.status == "FINISHED"
+            failing = run.info.run_name in DIVERGENT
+            assert run.info.status == ("FAILED" if failing else "FINISHED"), run.info.run_name
             assert {"git_commit", "params_hash", "study", "rule", "wildcards", "scale"} <= set(run.data.tags)
     run = client.search_runs([client.get_experiment_by_name("synthetic").experiment_id])[0]
     assert len(client.get_metric_history(run.info.run_id, "upg_cos_lam0.5")) == \
         len(tiny["synthetic"]["grid"]["k"])
     assert len(client.get_metric_history(run.info.run_id, "broyden_cosine")) == \
         tiny["synthetic"]["dynamics"]["max_iter"] + 1
+
+
+def test_a_divergent_ablation_is_failed_everywhere_and_named_at_the_end(workflow):
+    """tiny.yaml's `exploding` run (Adam at lr 1000: a huge loss, never NaN) concludes as a
+    result, not a crash: the other jobs and the figures complete, and the user is told."""
+    from mlflow.tracking import MlflowClient
+    for name in DIVERGENT:
+        metrics = json.loads((workflow / f"results/ablations/{name}/metrics.json").read_text())
+        assert metrics["status"] == "failed" and "x the early loss" in metrics["reason"]
+        run = MlflowClient(f"sqlite:///{workflow}/mlruns/mlflow.db").get_run(
+            metrics["mlflow_run_id"])
+        assert run.info.status == "FAILED"
+        assert run.data.tags["failure_reason"] == metrics["reason"]
+        table = (workflow / "figures/ablations/ablations_table.md").read_text()
+        row = next(line for line in table.splitlines() if line.startswith(f"| {name} "))
+        assert "FAILED: loss" in row, row
+        tail = (workflow / "snakemake.out").read_text().split("Finished job")[-1]
+        assert "run(s) FAILED" in tail and f"ablations/{name}: {metrics['reason']}" in tail, tail
 
 
 def test_second_run_does_nothing(workflow, venv_bin):

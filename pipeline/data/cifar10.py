@@ -25,8 +25,10 @@ from typing import Sequence
 
 import numpy as np
 
-from .download import DataError, extract_archive, fetch, temp_sibling, verify_checksum
-from .layout import drop_if_empty, write_dataset
+from .download import DataError, Limits, extract_archive, fetch, temp_sibling, verify_checksum
+from pipeline.io import prune_empty_dirs
+
+from .layout import write_dataset
 
 ARCHIVE = "cifar-10-python.tar.gz"
 FOLDER = "cifar-10-batches-py"
@@ -84,7 +86,7 @@ def convert(archive: Path, out_dir: Path, md5: str) -> dict:
 
 
 def prepare_cifar10(out_dir: str | Path, *, url: str, md5: str, mirror: str | None = None,
-                    archive: str | Path | None = None, timeout: float = 60.0) -> dict:
+                    archive: str | Path | None = None, limits: Limits = Limits()) -> dict:
     """Obtain, verify and export CIFAR-10 to ``out_dir`` (``data/cifar10``).
 
     Args:
@@ -92,14 +94,14 @@ def prepare_cifar10(out_dir: str | Path, *, url: str, md5: str, mirror: str | No
         url: the official archive URL; mirror: a second URL tried after it.
         md5: the archive's md5 (``c58f30108f718f92721af3b95e74349a`` for the official file).
         archive: a local copy; when given, no download is attempted.
-        timeout: seconds per socket operation.
+        limits: the download's timeout, deadline and minimum rate.
 
     Raises:
         DataError: unreachable URLs, wrong checksum, truncated or malformed archive.
             Nothing is left behind: no partial download, no partial ``out_dir``.
     """
     out_dir = Path(out_dir)
-    drop_if_empty(out_dir)
+    prune_empty_dirs(out_dir)
     try:
         if archive:
             archive = Path(archive)
@@ -109,7 +111,7 @@ def prepare_cifar10(out_dir: str | Path, *, url: str, md5: str, mirror: str | No
         else:
             with temp_sibling(out_dir, directory=True) as download:
                 path = fetch([url, mirror or ""], download / ARCHIVE, ("md5", md5),
-                             timeout=timeout)
+                             limits=limits)
                 meta = convert(path, out_dir, md5)
     except DataError as err:
         raise DataError(f"{err}\n{HINT}") from err

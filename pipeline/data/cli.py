@@ -2,17 +2,31 @@
 
     python -m pipeline data digits   --out data/digits --test-fraction 0.2 --seed 0
     python -m pipeline data cifar10  --out data/cifar10 --url URL --md5 MD5 \
-        [--mirror URL] [--archive PATH]
+        [--mirror URL] [--archive PATH] [--timeout S --deadline S --min-rate B/S --rate-window S]
     python -m pipeline data imagenet --root DIR --manifest data/imagenet/manifest.json
 
 A :class:`~pipeline.data.download.DataError` ends the command with exit status 1
-and its message (what went wrong and what to do), without a traceback.
+and its message (what went wrong and what to do), without a traceback. Before it
+starts, a command removes what an earlier killed run left next to its output; after
+a failure it leaves no empty output folder.
 """
 from __future__ import annotations
 
+import argparse
+import re
 import sys
+from pathlib import Path
 
-from .download import DataError
+from pipeline.io import prune_empty_dirs
+
+from .download import DataError, Limits, remove_leftovers
+
+
+def md5_hex(text: str) -> str:
+    """argparse type: 32 lower-case hex digits, as params.yaml's schema requires."""
+    if not re.fullmatch(r"[0-9a-f]{32}", text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not an md5 (32 lower-case hex digits)")
+    return text
 
 
 def add_arguments(parser) -> None:
@@ -26,10 +40,10 @@ def add_arguments(parser) -> None:
     p = sub.add_parser("cifar10", help="download, verify and export CIFAR-10")
     p.add_argument("--out", required=True, help="output folder, e.g. data/cifar10")
     p.add_argument("--url", required=True, help="URL of cifar-10-python.tar.gz")
-    p.add_argument("--md5", required=True, help="md5 of the archive")
+    p.add_argument("--md5", required=True, type=md5_hex, help="md5 of the archive")
     p.add_argument("--mirror", default="", help="second URL, tried after --url")
     p.add_argument("--archive", default="", help="local copy of the archive (no download)")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds per socket operation")
+    add_limit_arguments(p)
 
     p = sub.add_parser("imagenet", help="validate an ImageFolder tree, write its manifest")
     p.add_argument("--root", default="", help="folder with train/ and val/ class sub-folders")
@@ -37,7 +51,28 @@ def add_arguments(parser) -> None:
                    help="output JSON, e.g. data/imagenet/manifest.json")
 
 
+def add_limit_arguments(parser) -> None:
+    """The download limits (params.yaml ``data.download``) of a downloading command."""
+    d = Limits()
+    parser.add_argument("--timeout", type=float, default=d.timeout_s,
+                        help="seconds per socket operation")
+    parser.add_argument("--deadline", type=float, default=d.deadline_s,
+                        help="seconds for the whole download, mirrors included")
+    parser.add_argument("--min-rate", type=float, default=d.min_rate_bytes_per_s,
+                        help="bytes/s below which a transfer is abandoned")
+    parser.add_argument("--rate-window", type=float, default=d.rate_window_s,
+                        help="seconds over which the rate is measured")
+
+
+def limits(args) -> Limits:
+    return Limits(args.timeout, args.deadline, args.min_rate, args.rate_window)
+
+
 def main(args) -> int:
+    out = Path(args.out if args.dataset != "imagenet" else args.manifest)
+    folder = out if args.dataset != "imagenet" else out.parent
+    for path in remove_leftovers(folder):
+        print(f"removed {path}, left by an earlier killed run", file=sys.stderr)
     try:
         if args.dataset == "digits":
             from .digits import export_digits
@@ -45,11 +80,13 @@ def main(args) -> int:
         elif args.dataset == "cifar10":
             from .cifar10 import prepare_cifar10
             prepare_cifar10(args.out, url=args.url, md5=args.md5, mirror=args.mirror or None,
-                            archive=args.archive or None, timeout=args.timeout)
+                            archive=args.archive or None, limits=limits(args))
         else:
             from .imagenet import validate_imagenet
             validate_imagenet(args.root or None, args.manifest)
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    finally:  # Snakemake made the output's folders before the job; a failure leaves none
+        prune_empty_dirs(folder, levels=2)
     return 0

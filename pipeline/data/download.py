@@ -4,7 +4,12 @@
 of ``dest``, hashes it on the way, and renames it into place only when the
 checksum matches. :func:`extract_archive` unpacks into a temporary sibling and
 renames the finished tree into place. Either way a failure leaves nothing
-behind but the error: no ``.part`` file, no half-extracted directory.
+behind but the error: no ``.part`` file, no half-extracted directory. A transfer
+is bounded by :class:`Limits` (params.yaml ``data.download``): a timeout per socket
+operation, a deadline for the whole fetch, and a minimum rate over a window, so a
+server that trickles bytes cannot hang a job. ``python -m pipeline`` turns SIGTERM
+(SLURM's ``scancel``) into an exception, so the same cleanup runs; what a SIGKILL
+leaves is removed by :func:`remove_leftovers` on the next start.
 
 >>> fetch(["https://example.org/a.tar.gz", "https://mirror.example/a.tar.gz"],
 ...       "data/a.tar.gz", ("md5", "0123..."))                      # doctest: +SKIP
@@ -18,21 +23,36 @@ import os
 import shutil
 import tarfile
 import tempfile
+import time
 import urllib.request
 import zipfile
 import zlib
+from collections import deque
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
 from pipeline.progress import progress
 
-CHUNK = 1 << 20  # 1 MiB: progress granularity and read size
-TIMEOUT_S = 60.0  # per socket operation, not for the whole download
+CHUNK = 1 << 20  # 1 MiB: progress granularity
 
 
 class DataError(RuntimeError):
     """A dataset could not be obtained or is malformed; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """How long a download may take; the defaults are params.yaml's ``data.download``.
+
+    A read blocks for at most ``timeout_s``, so the deadline and the rate are
+    checked at least that often."""
+
+    timeout_s: float = 60.0              # per socket operation (connect, each read)
+    deadline_s: float = 7200.0           # the whole fetch, every mirror together
+    min_rate_bytes_per_s: float = 20000.0
+    rate_window_s: float = 120.0         # the rate is the mean over the last window
 
 
 def file_digest(path: str | Path, algo: str) -> str:
@@ -101,15 +121,63 @@ def replace_dir(src: Path, dest: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _stream(url: str, out: Path, digest, timeout: float) -> None:
+def remove_leftovers(dest: str | Path) -> list[Path]:
+    """Remove what a killed run left next to ``dest``: ``.<name>.*.part`` files and
+    ``.<name>.*.tmp`` / ``.old`` folders (only Snakemake's lock keeps a second job off
+    the same output, so no live writer can own them). Returns what was removed."""
+    dest = Path(dest)
+    if not dest.parent.is_dir():
+        return []
+    found = [p for suffix in (".part", ".tmp", ".old")
+             for p in dest.parent.glob(f".{dest.name}.*{suffix}")]
+    for path in found:
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    return found
+
+
+def _pieces(response, limits: Limits, deadline: float) -> Iterator[bytes]:
+    """The body in pieces of at most CHUNK bytes, checking the deadline and the rate
+    after every read (``read1`` returns as soon as any bytes arrive)."""
+    read = getattr(response, "read1", response.read)
+    start = time.monotonic()
+    window = deque([(start, 0)])  # (time, bytes received so far)
+    received, buffer = 0, bytearray()
+    while True:
+        data = read(CHUNK - len(buffer))
+        now = time.monotonic()
+        received += len(data)
+        buffer += data
+        if not data or len(buffer) >= CHUNK:
+            if buffer:
+                yield bytes(buffer)
+            buffer.clear()
+            if not data:
+                return
+        if now > deadline:
+            raise DataError(f"deadline of {limits.deadline_s:g} s passed after {received} bytes "
+                            "(data.download.deadline_s)")
+        window.append((now, received))
+        while len(window) > 1 and window[1][0] <= now - limits.rate_window_s:
+            window.popleft()
+        t0, r0 = window[0]
+        if now - start >= limits.rate_window_s and now > t0:
+            rate = (received - r0) / (now - t0)
+            if rate < limits.min_rate_bytes_per_s:
+                raise DataError(f"{rate:.0f} bytes/s over the last {now - t0:.0f} s, below "
+                                f"{limits.min_rate_bytes_per_s:g} (data.download."
+                                "min_rate_bytes_per_s)")
+
+
+def _stream(url: str, out: Path, digest, limits: Limits, deadline: float) -> None:
     request = urllib.request.Request(url, headers={"User-Agent": "phantom-grad-pipeline"})
+    timeout = max(1e-3, min(limits.timeout_s, deadline - time.monotonic()))
     with urllib.request.urlopen(request, timeout=timeout) as response, open(out, "wb") as sink:
         length = response.headers.get("Content-Length")
         expected = int(length) if length and length.isdigit() else None
         total = -(-expected // CHUNK) if expected else None
-        chunks = iter(lambda: response.read(CHUNK), b"")
         received = 0
-        for chunk in progress(chunks, total=total, desc=f"{Path(url).name} (MiB)"):
+        for chunk in progress(_pieces(response, limits, deadline), total=total,
+                              desc=f"{Path(url).name} (MiB)"):
             sink.write(chunk)
             digest.update(chunk)
             received += len(chunk)
@@ -118,7 +186,7 @@ def _stream(url: str, out: Path, digest, timeout: float) -> None:
 
 
 def fetch(urls: str | Sequence[str], dest: str | Path, checksum: tuple[str, str] | None,
-          *, timeout: float = TIMEOUT_S) -> Path:
+          *, limits: Limits = Limits()) -> Path:
     """Download the first URL of ``urls`` that yields a file with the right checksum.
 
     Args:
@@ -127,25 +195,31 @@ def fetch(urls: str | Sequence[str], dest: str | Path, checksum: tuple[str, str]
         dest: final path; written only once a download verified.
         checksum: ``(algo, hex digest)``, e.g. ``("md5", "c58f...")``; None skips the
             check (only for files that carry no published checksum).
-        timeout: seconds per socket operation.
+        limits: timeout per socket operation, deadline of the whole fetch, minimum rate.
 
     Returns:
         ``dest``.
 
     Raises:
         DataError: every URL failed (unreachable, HTTP error, short read, wrong
-            checksum); the message lists each URL with its reason.
+            checksum, too slow, past the deadline); the message lists each URL with
+            its reason.
     """
     dest = Path(dest)
+    deadline = time.monotonic() + limits.deadline_s
     urls = [u for u in ([urls] if isinstance(urls, str) else urls) if u]
     if not urls:
         raise DataError(f"no URL to download {dest.name} from")
+    remove_leftovers(dest)
     failures = []
     for url in urls:
+        if time.monotonic() > deadline:
+            failures.append(f"{url}: not tried, the deadline of {limits.deadline_s:g} s passed")
+            continue
         with temp_sibling(dest, directory=False) as part:
             digest = hashlib.new(checksum[0] if checksum else "sha256")
             try:
-                _stream(url, part, digest, timeout)
+                _stream(url, part, digest, limits, deadline)
             except (OSError, http.client.HTTPException, ValueError, DataError) as err:
                 # OSError covers URLError/HTTPError, refused and reset connections and
                 # timeouts; HTTPException covers IncompleteRead; ValueError bad URLs.

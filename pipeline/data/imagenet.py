@@ -23,7 +23,7 @@ from pathlib import Path
 from pipeline.io import write_json
 
 from .download import DataError
-from .layout import drop_if_empty
+from pipeline.io import prune_empty_dirs
 
 SPLITS = ("train", "val")
 # torchvision.datasets.folder.IMG_EXTENSIONS
@@ -100,7 +100,7 @@ def validate_imagenet(root: str | Path | None, manifest: str | Path) -> dict:
     try:
         result = scan_imagenet(root)
     except DataError:
-        drop_if_empty(manifest.parent)
+        prune_empty_dirs(manifest.parent)
         raise
     write_json(result, manifest)
     print(f"imagenet: {result['num_classes']} classes, {result['n_train']} train / "

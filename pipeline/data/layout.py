@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.io import prune_empty_dirs
+
 from .download import DataError, file_digest, replace_dir, temp_sibling
 
 SPLITS = ("train", "test")
@@ -36,16 +38,6 @@ def save_npz(path: Path, **arrays: np.ndarray) -> None:
             with zf.open(info, "w", force_zip64=True) as member:
                 np.lib.format.write_array(member, np.ascontiguousarray(arrays[key]),
                                           allow_pickle=False)
-
-
-def drop_if_empty(folder: Path) -> None:
-    """Remove ``folder`` if it is an empty directory.
-
-    Snakemake creates the parent folders of a job's outputs before the job runs;
-    an empty ``data/<name>/`` is not data, and a failed job should not leave it.
-    """
-    if folder.is_dir() and not any(folder.iterdir()):
-        folder.rmdir()
 
 
 def write_dataset(out_dir: str | Path, *, name: str, classes: list[str],
@@ -72,7 +64,7 @@ def write_dataset(out_dir: str | Path, *, name: str, classes: list[str],
     if train[0].shape[1:] != test[0].shape[1:]:
         raise ValueError(f"train and test image shapes differ: {train[0].shape[1:]} vs "
                          f"{test[0].shape[1:]}")
-    drop_if_empty(out_dir)
+    prune_empty_dirs(out_dir)
     with temp_sibling(out_dir, directory=True) as tmp:
         for split, (images, labels) in zip(SPLITS, (train, test)):
             save_npz(tmp / f"{split}.npz", images=images, labels=labels)

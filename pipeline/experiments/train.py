@@ -22,8 +22,11 @@ and the MLflow run id. They live under ``<checkpoints>/<study>/<name>/<params ha
 are written at each epoch end and every ``checkpoint_every`` steps, and a killed job
 resumes mid-epoch in the same MLflow run, equal to an uninterrupted one. A concluded
 run removes its checkpoint. A divergent run (non-finite loss, a diverged forward solve,
-a forward residual past ``diverge_residual``) stops; MLflow marks it FAILED with the
-reason and ``metrics.json`` says ``"status": "failed"``.
+a forward residual past ``diverge_residual``, a loss past ``diverge_loss_factor`` times
+the mean loss of its first ``diverge_loss_window`` steps) stops; MLflow marks it FAILED
+with the reason, ``metrics.json`` says ``"status": "failed"``, and the job still exits 0:
+a divergence is a result (the paper reports failing runs), which the workflow's
+``onsuccess`` handler and the study's table name.
 """
 from __future__ import annotations
 
@@ -98,6 +101,8 @@ class TrainConfig:
     power_iters: int = 40
     power_tol: float = 1e-3
     diverge_residual: float = 1e3
+    diverge_loss_factor: float | None = 20.0  # loss > factor x early loss: divergence
+    diverge_loss_window: int = 10            # early loss: mean of the first N steps
 
     @classmethod
     def from_params(cls, params: dict) -> "TrainConfig":
@@ -314,6 +319,12 @@ def _step(cfg: TrainConfig, task, model, opt, sched, batch, state: dict,
             raise Divergence(f"forward solver: {why} at step {step}")
         if not math.isfinite(value):
             raise Divergence(f"non-finite loss {value} at step {step}")
+        early = _early_loss(cfg, state)
+        if early is not None and value > cfg.diverge_loss_factor * early:
+            n = min(step, cfg.diverge_loss_window)
+            raise Divergence(f"loss {value:.4g} > {cfg.diverge_loss_factor:g} x the early loss "
+                             f"{early:.4g} ({'step 0' if n == 1 else f'mean of steps 0-{n - 1}'})"
+                             f" at step {step}")
         if not pretraining and residual > cfg.diverge_residual:
             raise Divergence(f"forward residual {residual:.3g} > {cfg.diverge_residual:g} at "
                              f"step {step}")
@@ -343,6 +354,18 @@ def _step(cfg: TrainConfig, task, model, opt, sched, batch, state: dict,
         row.update({M.TIME_FORWARD: t1 - t0, M.TIME_BACKWARD: t2 - t1,
                     M.TIME_STEP: (t2 - t0) + (t4 - t3)})
     return row
+
+
+def _early_loss(cfg: TrainConfig, state: dict) -> float | None:
+    """The mean loss of the run's first ``diverge_loss_window`` steps (of all steps so far,
+    while fewer ran, so an explosion at step 1 is caught), read from the kept rows: a
+    resumed run has the same reference. None at step 0, when the rule is off
+    (``diverge_loss_factor: null``), or when that loss is not positive."""
+    early = [r[M.TRAIN_LOSS] for r in state["curves"][:cfg.diverge_loss_window]]
+    if cfg.diverge_loss_factor is None or not early:
+        return None
+    mean = sum(early) / len(early)
+    return mean if mean > 0 else None
 
 
 def _flush(tracker, state: dict, metric: str) -> None:
@@ -431,7 +454,7 @@ def add_arguments(parser) -> None:
 def main(args) -> int:
     from pipeline import tracking
     from pipeline.config import params_hash
-    from pipeline.io import write_csv, write_json
+    from pipeline.io import prune_empty_dirs, write_csv, write_json
 
     import pandas as pd
 
@@ -449,29 +472,28 @@ def main(args) -> int:
     run_id = resume.get("run_id") if resume else None
     task = get_task(cfg.task)(cfg.model, cfg.data, args.data, cfg.device, cfg.batch_size,
                               cfg.eval_batch_size, cfg.seed)
-    checkpoint.parent.mkdir(parents=True, exist_ok=True)
     tags = {"study": args.study, "run": args.name, "task": cfg.task, "scale": args.scale,
             "dataset": task.dataset, "params_hash": phash, **json.loads(args.tags)}
-    with tracking.start_run(args.tracking_uri, args.study, args.name, tags,
-                            {"run": dataclasses.asdict(cfg), "study": args.study,
-                             "name": args.name, "scale": args.scale},
-                            args.artifacts, run_id=run_id,
-                            batch_size=args.tracking_batch_size) as tracker:
-        results = train(cfg, task, tracker, checkpoint, log=lambda msg: print(msg, flush=True),
-                        resume=resume)
-        results.update(study=args.study, name=args.name, scale=args.scale, params_hash=phash,
-                       mlflow_run_id=tracker.run_id)
-        out = Path(args.out)
-        write_csv(pd.DataFrame(results.pop("curves")), out / "curves.csv")
-        write_json(results, out / "metrics.json")
-        tracker.log_artifact(out / "metrics.json")
-        tracker.log_artifact(out / "curves.csv")
-    # The run has concluded: its checkpoint only served an interrupted job, and must not
-    # turn a later forced rerun (say, after a code change) into a no-op resume.
-    shutil.rmtree(checkpoint.parent, ignore_errors=True)
-    for folder in (checkpoint.parent.parent, checkpoint.parent.parent.parent):
-        if folder.is_dir() and not any(folder.iterdir()):
-            folder.rmdir()
+    try:
+        with tracking.start_run(args.tracking_uri, args.study, args.name, tags,
+                                {"run": dataclasses.asdict(cfg), "study": args.study,
+                                 "name": args.name, "scale": args.scale},
+                                args.artifacts, run_id=run_id,
+                                batch_size=args.tracking_batch_size) as tracker:
+            results = train(cfg, task, tracker, checkpoint,
+                            log=lambda msg: print(msg, flush=True), resume=resume)
+            results.update(study=args.study, name=args.name, scale=args.scale,
+                           params_hash=phash, mlflow_run_id=tracker.run_id)
+            out = Path(args.out)
+            write_csv(pd.DataFrame(results.pop("curves")), out / "curves.csv")
+            write_json(results, out / "metrics.json")
+            tracker.log_artifact(out / "metrics.json")
+            tracker.log_artifact(out / "curves.csv")
+        # The run has concluded: its checkpoint only served an interrupted job, and must not
+        # turn a later forced rerun (say, after a code change) into a no-op resume.
+        shutil.rmtree(checkpoint.parent, ignore_errors=True)
+    finally:  # <checkpoints>/<study>/<name>/<hash>/ and above, where nothing was saved
+        prune_empty_dirs(checkpoint.parent, levels=4)
     print(f"{args.study}/{args.name}: {results['status']} {results['reason']} best "
           f"{results['primary_metric']} {results['best']}")
     return 0

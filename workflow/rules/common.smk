@@ -5,7 +5,7 @@ import sys
 
 from snakemake.settings.types import DeploymentMethod
 
-from pipeline.config import TRAIN_STUDIES, ParamsError, load, study_run
+from pipeline.config import LH_PATTERN, TRAIN_STUDIES, ParamsError, lh_wildcard, load, study_run
 
 try:
     PARAMS = load(config)  # params.yaml + --config overrides, scale applied, schema-validated
@@ -23,7 +23,7 @@ TRACKING_READY = "mlruns/.ready" if TRACKING["uri"] != "none" else []
 
 
 wildcard_constraints:
-    Lh=r"0\.[0-9]+",
+    Lh=LH_PATTERN,
 
 
 def as_json(obj):
@@ -34,6 +34,13 @@ def as_json(obj):
 def tracking_args():
     return (f"--tracking-uri {TRACKING['uri']} --artifacts {TRACKING['artifacts']}"
             f" --tracking-batch-size {TRACKING['batch_size']}")
+
+
+def download_limits():
+    """params.yaml's data.download as the flags of `python -m pipeline data ...`."""
+    d = PARAMS["data"]["download"]
+    return (f"--timeout {d['timeout_s']} --deadline {d['deadline_s']}"
+            f" --min-rate {d['min_rate_bytes_per_s']} --rate-window {d['rate_window_s']}")
 
 
 def job_tags(rule, **wildcards):
@@ -94,3 +101,20 @@ TRAIN_SHELL = (
     " --checkpoints checkpoints --scale {params.scale} {params.tracking}"
     " --tags {params.tags:q} --threads {threads} > {log} 2>&1"
 )
+
+
+def report_failed_runs():
+    """Name the runs whose results say "failed" (a divergence): their job exited 0, and its
+    own output went to its log, so this is where a user sees them. For onsuccess/onerror."""
+    failed = []
+    for study in TRAIN_STUDIES:
+        for name in run_names(study):
+            path = f"results/{study}/{name}/metrics.json"
+            if os.path.exists(path):
+                with open(path) as handle:
+                    metrics = json.load(handle)
+                if metrics.get("status") == "failed":
+                    failed.append(f"  {study}/{name}: {metrics.get('reason', '')}")
+    if failed:
+        print(f"{len(failed)} run(s) FAILED (diverged; recorded, not a crash: see the tables"
+              " and MLflow):\n" + "\n".join(failed), file=sys.stderr)

@@ -42,6 +42,7 @@ rule download_cifar10:
         md5=PARAMS["data"]["cifar10"]["md5"],
         mirror=PARAMS["data"]["cifar10"]["mirror"] or "",
         archive=PARAMS["data"]["cifar10"]["archive"] or "",
+        limits=download_limits(),
     log:
         "logs/download_cifar10.log",
     benchmark:
@@ -52,7 +53,7 @@ rule download_cifar10:
     shell:
         "python -m pipeline data cifar10 --out {params.out:q} --url {params.url:q}"
         " --md5 {params.md5} --mirror={params.mirror:q} --archive={params.archive:q}"
-        " > {log} 2>&1"
+        " {params.limits} > {log} 2>&1"
 
 
 rule validate_imagenet:

@@ -1,7 +1,7 @@
 # Synthetic spectral-normalised study (appendix §4.1, §4.4): one job per L_h.
 
 SYNTHETIC = PARAMS["synthetic"]
-SYNTHETIC_LH = [f"{Lh:g}" for Lh in SYNTHETIC["Lh"]]
+SYNTHETIC_LH = [lh_wildcard(Lh) for Lh in SYNTHETIC["Lh"]]  # one folder per value, no collisions
 # Each job depends on every synthetic key except the L_h list itself, so adding an
 # L_h runs one new job and leaves the others alone.
 SYNTHETIC_SLICE = as_json({k: v for k, v in SYNTHETIC.items() if k != "Lh"})
