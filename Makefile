@@ -3,7 +3,7 @@ PY ?= python3.11
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: install figures test lint clean-results
+.PHONY: install figures test lint report ui clean-results
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
@@ -18,6 +18,14 @@ figures: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest
+
+report: $(STAMP)
+	$(VENV)/bin/snakemake --cores all figures
+	$(VENV)/bin/snakemake --report report.html
+
+# The MLflow UI on the pipeline's store; experiments: #/experiments/<id>?workflowType=machine_learning
+ui: $(STAMP)
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --workers 1 --port 5000
 
 lint: $(STAMP)
 	$(VENV)/bin/snakemake --lint

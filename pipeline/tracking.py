@@ -8,7 +8,14 @@ a call).
 The store is created once, before parallel jobs start, by::
 
     python -m pipeline init-tracking --uri sqlite:///mlruns/mlflow.db \
-        --artifacts mlruns/artifacts --experiments synthetic ablations --touch mlruns/.ready
+        --artifacts mlruns/artifacts --experiments synthetic ablations --scale default \
+        --touch mlruns/.ready
+
+Each study's runs sit under one parent run per scale (``<study> (<scale>)``, tags
+``pipeline.role = parent`` and ``scale``): ``init-tracking --scale`` makes it, and a job
+finds it (or makes it, after a scale switch) when it starts. Experiments are tagged
+``mlflow.experimentKind = custom_model_development``, so MLflow 3's UI opens them in
+its model-training view. Browse with ``make ui``.
 
 ``uri = "none"`` turns tracking off (a :class:`NullRun` records nothing).
 """
@@ -123,8 +130,14 @@ def _artifact_location(artifacts: str, experiment: str) -> str:
     return Path(artifacts, experiment).resolve().as_uri()
 
 
-def init_store(uri: str, artifacts: str, experiments: Sequence[str]) -> dict[str, str]:
-    """Create the store (schema migrations run here, once) and the experiments."""
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+PARENT_ROLE = ("pipeline.role", "parent")
+
+
+def init_store(uri: str, artifacts: str, experiments: Sequence[str],
+               scale: str | None = None) -> dict[str, str]:
+    """Create the store (schema migrations run here, once), the experiments and, with
+    ``scale``, each experiment's parent run for that scale. Returns experiment ids."""
     if uri == "none":
         return {}
     if uri.startswith("sqlite:///"):
@@ -135,7 +148,39 @@ def init_store(uri: str, artifacts: str, experiments: Sequence[str]) -> dict[str
         exp = client.get_experiment_by_name(name)
         ids[name] = exp.experiment_id if exp else client.create_experiment(
             name, artifact_location=_artifact_location(artifacts, name))
+        client.set_experiment_tag(ids[name], *EXPERIMENT_KIND)
+        if scale:
+            parent_run(client, ids[name], name, scale)
     return ids
+
+
+def parent_run(client, experiment_id: str, study: str, scale: str) -> str:
+    """The id of the study's parent run at ``scale``, made if missing. Two jobs that make
+    one at once both keep the earliest; the other is deleted before any child names it."""
+    query = (f"tags.`{PARENT_ROLE[0]}` = '{PARENT_ROLE[1]}' and tags.scale = '{scale}'")
+
+    def earliest():
+        runs = _retry(client.search_runs, [experiment_id], query,
+                      order_by=["attributes.start_time ASC"], max_results=10)
+        return runs[0].info.run_id if runs else None
+
+    found = earliest()
+    if found:
+        return found
+    tags = {"mlflow.runName": f"{study} ({scale})", PARENT_ROLE[0]: PARENT_ROLE[1],
+            "scale": scale, "study": study}
+    mine = _retry(client.create_run, experiment_id, tags=tags).info.run_id
+    _retry(client.set_terminated, mine, "FINISHED")
+    first = earliest()
+    if first != mine:
+        _retry(client.delete_run, mine)
+    return first
+
+
+def job_runs(client, experiment_id: str, **search) -> list:
+    """The experiment's job runs, without the parent runs."""
+    runs = _retry(client.search_runs, [experiment_id], **search)
+    return [r for r in runs if r.data.tags.get(PARENT_ROLE[0]) != PARENT_ROLE[1]]
 
 
 class NullRun:
@@ -211,7 +256,9 @@ def start_run(uri: str, experiment: str, run_name: str, tags: Mapping[str, str],
               batch_size: int = MAX_BATCH) -> Iterator[NullRun]:
     """Open (or, with ``run_id``, resume) a run; it ends FINISHED, or FAILED on an exception.
 
-    The experiment should exist (``init_store``); if not, it is created here.
+    The experiment should exist (``init_store``); if not, it is created here. With a
+    ``scale`` tag, a new run is a child of the study's parent run for that scale (a
+    resumed run keeps its parent).
     """
     if uri == "none":
         yield NullRun()
@@ -224,6 +271,8 @@ def start_run(uri: str, experiment: str, run_name: str, tags: Mapping[str, str],
         else:
             exp_id = exp.experiment_id
         tags = {"mlflow.runName": run_name, "git_commit": git_commit(), **tags}
+        if tags.get("scale"):  # under the study's parent for this scale
+            tags["mlflow.parentRunId"] = parent_run(client, exp_id, experiment, tags["scale"])
         run_id = _retry(client.create_run, exp_id, tags={k: str(v) for k, v in tags.items()},
                         run_name=run_name).info.run_id
     else:
@@ -256,13 +305,20 @@ def add_arguments(parser) -> None:
     parser.add_argument("--uri", required=True)
     parser.add_argument("--artifacts", required=True)
     parser.add_argument("--experiments", nargs="+", required=True)
+    parser.add_argument("--scale", default=None, help="make each study's parent run for it")
     parser.add_argument("--touch", help="marker file written once the store is ready")
 
 
 def main(args) -> int:
-    ids = init_store(args.uri, args.artifacts, args.experiments)
-    print(f"MLflow store {args.uri}: experiments {ids}")
+    ids = init_store(args.uri, args.artifacts, args.experiments, args.scale)
+    parents = {}
+    if args.scale and ids:
+        client = _client(args.uri)
+        parents = {name: parent_run(client, i, name, args.scale) for name, i in ids.items()}
+    print(f"MLflow store {args.uri}: experiments {ids}, parent runs ({args.scale}) {parents}")
     if args.touch:
         Path(args.touch).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.touch).write_text(json.dumps({"uri": args.uri, "experiments": ids}) + "\n")
+        Path(args.touch).write_text(json.dumps({"uri": args.uri, "experiments": ids,
+                                                "scale": args.scale,
+                                                "parents": parents}) + "\n")
     return 0

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import tomllib
+from pathlib import Path
 
 import yaml
 from packaging.requirements import Requirement
@@ -37,11 +38,35 @@ def test_pip_dependencies_match_pyproject(repo_root):
     assert norm(env_deps) == norm(project_deps)
 
 
-def test_env_installs_the_package_itself(repo_root):
-    pips = [d["pip"] for d in _conda_env(repo_root)["dependencies"]
+def test_env_installs_the_package_from_the_workdir_wherever_the_file_is_copied(
+        repo_root, tmp_path):
+    """Snakemake copies envs/pipeline.yaml to .snakemake/conda/<hash>.yaml and has conda
+    read the copy, so a path in it resolves from there; the package is installed by the
+    post-deploy script instead, which Snakemake runs from the workflow directory. Here:
+    the copy holds no path, and the script, run as Snakemake runs it (from the workdir,
+    with the env's pip on PATH; a stand-in pip records its arguments), installs the
+    repository root."""
+    import shutil
+    import subprocess
+    copied = tmp_path / "work" / ".snakemake" / "conda" / "0123abcd.yaml"
+    copied.parent.mkdir(parents=True)
+    shutil.copy(repo_root / "envs" / "pipeline.yaml", copied)
+    pips = [d["pip"] for d in yaml.safe_load(copied.read_text())["dependencies"]
             if isinstance(d, dict) and "pip" in d][0]
-    assert "-e ../" in [str(d).strip() for d in pips], \
-        "envs/pipeline.yaml should install the package (-e ../, relative to envs/)"
+    assert not [d for d in pips if str(d).startswith("-e") or "/" in str(d)], pips
+    script = copied.with_suffix(".post-deploy.sh")
+    shutil.copy(repo_root / "envs" / "pipeline.post-deploy.sh", script)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "pip").write_text('#!/bin/sh\necho "$@" > "$PIP_ARGS"\n')
+    (bin_dir / "pip").chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "PIP_ARGS": str(tmp_path / "args")}
+    subprocess.run(["bash", str(script)], cwd=repo_root, env=env, check=True)
+    args = (tmp_path / "args").read_text().split()
+    assert args[:3] == ["install", "--no-deps", "-e"]
+    assert Path(args[3]) == repo_root and (Path(args[3]) / "pyproject.toml").is_file()
+    # from anywhere else it refuses, rather than installing the wrong folder
+    assert subprocess.run(["bash", str(script)], cwd=tmp_path, env=env).returncode == 1
 
 
 def test_conda_python_satisfies_requires_python(repo_root):

@@ -19,6 +19,7 @@ import torch
 import yaml
 
 from pipeline.config import validate
+from pipeline.tracking import job_runs
 from pipeline.deq import SolverConfig
 from pipeline.experiments.synthetic import SyntheticConfig, fidelity, make_pairs, run, weight
 
@@ -266,7 +267,7 @@ def test_cli_logs_one_run_with_curves(cli_results, tiny):
     root, uri = cli_results
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name("synthetic")
-    runs = client.search_runs([exp.experiment_id])
+    runs = job_runs(client, exp.experiment_id)
     assert len(runs) == 1
     r = runs[0]
     assert r.info.status == "FINISHED"

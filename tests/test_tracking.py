@@ -229,3 +229,31 @@ def test_init_tracking_cli(store):
     again = init_store(uri, artifacts, ["synthetic", "ablations", "parallel", "extra"])
     assert {k: v for k, v in again.items() if k != "extra"} == ids
     assert "extra" in again and again["extra"] not in ids.values()
+
+
+def test_runs_sit_under_one_parent_per_study_and_scale(tmp_path):
+    """init-tracking makes the parent of the current scale; a job after a scale switch
+    finds-or-makes its own; a resumed run keeps its parent; experiments open in MLflow 3's
+    model-training view."""
+    from pipeline.tracking import PARENT_ROLE, job_runs
+    uri, artifacts = f"sqlite:///{tmp_path}/mlflow.db", str(tmp_path / "artifacts")
+    exp_id = init_store(uri, artifacts, ["study"], scale="default")["study"]
+    init_store(uri, artifacts, ["study"], scale="default")  # idempotent
+    with start_run(uri, "study", "a", {"scale": "default"}, {}, artifacts) as a:
+        pass
+    with start_run(uri, "study", "b", {"scale": "paper"}, {}, artifacts) as b:
+        pass
+    with start_run(uri, "study", "a", {"scale": "default"}, {}, artifacts, run_id=a.run_id):
+        pass
+    client = _client(uri)
+    everything = client.search_runs([exp_id])
+    parents = {r.data.tags["scale"]: r for r in everything
+               if r.data.tags.get(PARENT_ROLE[0]) == PARENT_ROLE[1]}
+    assert {s: p.info.run_name for s, p in parents.items()} == {
+        "default": "study (default)", "paper": "study (paper)"}
+    children = {r.info.run_name: r for r in job_runs(client, exp_id)}
+    assert sorted(children) == ["a", "b"]
+    for name, scale in (("a", "default"), ("b", "paper")):
+        assert children[name].data.tags["mlflow.parentRunId"] == parents[scale].info.run_id
+    assert client.get_experiment(exp_id).tags["mlflow.experimentKind"] == \
+        "custom_model_development"

@@ -20,6 +20,7 @@ import torch
 
 from pipeline import tracking as M
 from pipeline.cli import main as cli_main
+from pipeline.tracking import job_runs
 from pipeline.data.digits import export_digits
 from pipeline.experiments import tasks as task_registry
 from pipeline.experiments.train import TrainConfig, load_checkpoint
@@ -243,7 +244,7 @@ def test_resume_mid_epoch_after_kill_equals_an_uninterrupted_run(digits, tmp_pat
     assert not list(ckpt_root.glob("ablations/resume/*")), "a concluded run keeps no checkpoint"
 
     client = MlflowClient(uri)
-    runs = client.search_runs([client.get_experiment_by_name("ablations").experiment_id])
+    runs = job_runs(client, client.get_experiment_by_name("ablations").experiment_id)
     assert len(runs) == 1, "the resumed job must continue the same MLflow run"
     assert runs[0].info.status == "FINISHED"
     assert runs[0].info.run_id == metrics["mlflow_run_id"]

@@ -16,6 +16,8 @@ import pandas as pd
 import pytest
 import yaml
 
+from pipeline.tracking import job_runs
+
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 DIVERGENT = ("exploding",)  # tiny.yaml's run that must end "failed"
@@ -91,13 +93,17 @@ def test_one_mlflow_run_per_job_with_curves(workflow):
                 "ablations": len({**params["ablations"]["runs"], **tiny["ablations"]["runs"]})}
     for study, count in expected.items():
         exp = client.get_experiment_by_name(study)
-        runs = client.search_runs([exp.experiment_id])
+        runs = job_runs(client, exp.experiment_id)
         assert len(runs) == count, study
+        parents = [r for r in client.search_runs([exp.experiment_id]) if r not in runs]
+        assert [p.info.run_name for p in parents] == [f"{study} (default)"]
+        assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {parents[0].info.run_id}
+        assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
         for run in runs:
             failing = run.info.run_name in DIVERGENT
             assert run.info.status == ("FAILED" if failing else "FINISHED"), run.info.run_name
             assert {"git_commit", "params_hash", "study", "rule", "wildcards", "scale"} <= set(run.data.tags)
-    run = client.search_runs([client.get_experiment_by_name("synthetic").experiment_id])[0]
+    run = job_runs(client, client.get_experiment_by_name("synthetic").experiment_id)[0]
     assert len(client.get_metric_history(run.info.run_id, "upg_cos_lam0.5")) == \
         len(tiny["synthetic"]["grid"]["k"])
     assert len(client.get_metric_history(run.info.run_id, "broyden_cosine")) == \

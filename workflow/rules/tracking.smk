@@ -1,5 +1,7 @@
 # The MLflow store is created once here, before any tracked job runs in parallel
-# (concurrent schema migrations race). Consumers take it as ancient() input.
+# (concurrent schema migrations race), with each study's parent run for this scale; a
+# job finds its parent by study and scale (a later scale switch makes its own).
+# Consumers take it as ancient() input.
 
 
 rule init_tracking:
@@ -9,6 +11,7 @@ rule init_tracking:
         uri=TRACKING["uri"],
         artifacts=TRACKING["artifacts"],
         experiments=["synthetic", *TRAIN_STUDIES],
+        scale=SCALE,
     log:
         "logs/init_tracking.log",
     benchmark:
@@ -18,4 +21,5 @@ rule init_tracking:
         "../../envs/pipeline.yaml"
     shell:
         "python -m pipeline init-tracking --uri {params.uri} --artifacts {params.artifacts}"
-        " --experiments {params.experiments} --touch {output.ready} > {log} 2>&1"
+        " --experiments {params.experiments} --scale {params.scale}"
+        " --touch {output.ready} > {log} 2>&1"
