@@ -25,6 +25,10 @@ include: "workflow/rules/tracking.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/synthetic.smk"
 include: "workflow/rules/ablations.smk"
+include: "workflow/rules/report.smk"
+
+
+report: "workflow/report/workflow.rst"
 
 
 rule figures:
@@ -32,6 +36,7 @@ rule figures:
     input:
         rules.plot_synthetic.output,
         rules.report_ablations.output,
+        rules.paper_vs_ours.output,
     localrule: True
     default_target: True
 

@@ -31,6 +31,7 @@ COMMANDS = {
     "data": ("pipeline.data.cli", "download, verify and export a dataset"),
     "train": ("pipeline.experiments.train", "train one MDEQ-Tiny ablation"),
     "report-ablations": ("pipeline.figures.ablations", "ablation table and figures"),
+    "report": ("pipeline.figures.report", "paper vs ours, deviations, run time per study"),
 }
 
 

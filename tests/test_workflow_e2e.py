@@ -28,9 +28,7 @@ FIGURES = [f"synthetic/synthetic_{name}" for name in (
         "table.csv", "table.md", "training.png", "training.pdf")]
 
 
-def snakemake(workdir: Path, venv_bin: Path, *args: str) -> subprocess.CompletedProcess:
-    cmd = [str(venv_bin / "snakemake"), "--cores", "2", *args]
-    return subprocess.run(cmd, cwd=workdir, capture_output=True, text=True)
+from conftest import snakemake  # noqa: E402  (the `workflow` fixture is in conftest.py)
 
 
 def planned(proc: subprocess.CompletedProcess) -> dict[str, int]:
@@ -41,20 +39,6 @@ def planned(proc: subprocess.CompletedProcess) -> dict[str, int]:
     stats = text.split("Job stats:")[1].split("\n\n")[0]
     rows = re.findall(r"^(\w+)\s+(\d+)$", stats, flags=re.M)
     return {rule: int(n) for rule, n in rows if rule != "total"}
-
-
-@pytest.fixture(scope="module")
-def workflow(tmp_path_factory, repo_root: Path, venv_bin: Path):
-    work = tmp_path_factory.mktemp("workflow")
-    for name in ("Snakefile", "params.yaml"):
-        shutil.copy(repo_root / name, work / name)
-    for name in ("workflow", "profiles", "envs"):
-        shutil.copytree(repo_root / name, work / name)
-    shutil.copy(repo_root / "tests" / "configs" / "tiny.yaml", work / "tiny.yaml")
-    proc = snakemake(work, venv_bin, "figures", "--configfile", "tiny.yaml")
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
-    (work / "snakemake.out").write_text(proc.stdout + proc.stderr)
-    return work
 
 
 def test_every_figure_and_result_is_built(workflow):

@@ -24,8 +24,8 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline import tracking as M
-from pipeline.figures.common import plt, save
-from pipeline.io import atomic_path, read_json
+from pipeline.figures.common import plt, save, write_caption
+from pipeline.io import atomic_path, read_json, write_json
 
 COS_F = M.GRAD_COS_PART.format(part="F")
 
@@ -174,6 +174,17 @@ def main(args) -> int:
         tmp.write_text(f"{header(runs)}\n\n{frame.to_markdown(index=False, floatfmt='.4g')}\n\n"
                        f"{REFERENCE_NOTE}\n")
     save(fig, out, "ablations_training")
+    metrics = [r["metrics"] for r in runs.values()]
+    write_caption(out / "ablations_caption.rst", what=header(runs),
+                  scale=", ".join(sorted({m["scale"] for m in metrics})),
+                  dataset=", ".join(sorted({m["dataset"] for m in metrics})),
+                  run_ids=[m["mlflow_run_id"] for m in metrics if m.get("mlflow_run_id")],
+                  commits=[m["git_commit"] for m in metrics])
+    # the study's summary metrics, for `dvc metrics show` / `dvc exp show`
+    write_json({m["name"]: {"status": m["status"], "best": m["best"], "final": m["final"],
+                            "backward_speedup_vs_implicit":
+                                m["diagnostics"]["median_grad_speedup_vs_implicit"]}
+                for m in metrics}, out / "ablations_metrics.json")
     print(header(runs))
     print(frame.to_string(index=False))
     return 0

@@ -10,7 +10,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from pipeline.io import atomic_path  # noqa: E402
 
-__all__ = ["plt", "save"]
+__all__ = ["plt", "save", "write_caption"]
 
 
 def save(fig, out_dir: Path, name: str) -> list[Path]:
@@ -23,3 +23,16 @@ def save(fig, out_dir: Path, name: str) -> list[Path]:
         paths.append(path)
     plt.close(fig)
     return paths
+
+
+def write_caption(path: Path, *, what: str, scale: str, dataset: str, run_ids, commits) -> None:
+    """The caption fragment a figure rule writes next to its figure, which the report's
+    static caption (workflow/report/*.rst) includes: what the figure shows, the scale,
+    the dataset, the MLflow run ids and the commits, all read from the results files."""
+    ids = ", ".join(f"``{i}``" for i in sorted(set(run_ids))) or "none (tracking off)"
+    text = (f"{what}\n\n"
+            f"- **Scale:** {scale}\n- **Dataset:** {dataset}\n"
+            f"- **MLflow run ids:** {ids}\n"
+            f"- **Commit:** {', '.join(f'``{c}``' for c in sorted(set(commits))) or 'unknown'}\n")
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)

@@ -32,8 +32,14 @@ rule report_ablations:
         metrics=expand("results/ablations/{run}/metrics.json", run=ABLATION_NAMES),
         curves=expand("results/ablations/{run}/curves.csv", run=ABLATION_NAMES),
     output:
-        table=multiext("figures/ablations/ablations_table", ".csv", ".md"),
-        training=multiext("figures/ablations/ablations_training", ".png", ".pdf"),
+        table_csv="figures/ablations/ablations_table.csv",
+        table=report("figures/ablations/ablations_table.md", caption="../report/ablations_table.rst",
+                     category="ablations"),
+        training=report("figures/ablations/ablations_training.png",
+                        caption="../report/ablations_training.rst", category="ablations"),
+        training_pdf="figures/ablations/ablations_training.pdf",
+        caption="figures/ablations/ablations_caption.rst",
+        metrics="figures/ablations/ablations_metrics.json",
     params:
         dirs=expand("results/ablations/{run}", run=ABLATION_NAMES),
     log:

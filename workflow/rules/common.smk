@@ -43,6 +43,12 @@ def download_limits():
             f" --min-rate {d['min_rate_bytes_per_s']} --rate-window {d['rate_window_s']}")
 
 
+def rule_threads():
+    """{rule: threads} of the rules with a fixed thread count (the run-time table)."""
+    return {r.name: r.resources["_cores"] for r in workflow.rules
+            if isinstance(r.resources.get("_cores"), int)}
+
+
 def job_tags(rule, **wildcards):
     return as_json({"rule": rule, "wildcards": ",".join(f"{k}={v}" for k, v in wildcards.items())})
 

@@ -1,0 +1,259 @@
+"""Paper vs ours: one table from ``reference.yaml`` and ``results/`` (no torch, seconds).
+
+* ``paper_vs_ours.csv`` / ``.md`` / ``.html``: per claim, the paper's value, ours (read
+  from the results, never typed in), the scale and dataset ours came from, the gap, a
+  status, and the source (``results/...#key``);
+* ``deviations.md``: what our runs do differently, from ``reference.yaml``;
+* ``runtime.csv`` / ``.md``: job-seconds per study from ``benchmarks/rules/`` against
+  each study's budget and the 15-minute default run.
+
+    python -m pipeline report --results results --benchmarks benchmarks/rules \
+        --out figures/report --scale default
+"""
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+import operator
+import re
+from importlib import resources
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from pipeline.figures.common import write_caption
+from pipeline.io import atomic_path, write_csv
+
+STATUSES = ("reproduced", "not reproduced", "run failed", "not run at this scale",
+            "paper value not available")
+DEFAULT_RUN_BUDGET_S = 15 * 60
+# Budgets in job-seconds (the `s` column of benchmarks/rules/, times the job's threads) at
+# the default scale: 180 for each large-scale study (their issues); ours for the others.
+STUDIES = {
+    "data": {"rules": ["export_digits", "download_*", "validate_*"], "budget_s": 30},
+    "tracking": {"rules": ["init_tracking"], "budget_s": 15},
+    "synthetic": {"rules": ["synthetic_study", "plot_synthetic"], "budget_s": 360},
+    "ablations": {"rules": ["train_ablation", "report_ablations"], "budget_s": 360},
+    "vision": {"rules": ["train_vision", "report_vision", "export_digits_imagefolder"],
+               "budget_s": 180},
+    "lm": {"rules": ["train_lm", "report_lm"], "budget_s": 180},
+    "graph": {"rules": ["train_graph", "report_graph"], "budget_s": 180},
+    "report": {"rules": ["paper_vs_ours"], "budget_s": 30},
+}
+OPS = {">": operator.gt, "<": operator.lt, ">=": operator.ge, "<=": operator.le,
+       "==": operator.eq, "!=": operator.ne}
+
+
+class ReferenceError(ValueError):
+    """reference.yaml is malformed; the message names the entry."""
+
+
+def reference() -> dict:
+    return yaml.safe_load(resources.files("pipeline.figures").joinpath("reference.yaml")
+                          .read_text())
+
+
+# --- ours, read from results/ ----------------------------------------------------------------
+
+def _dig(obj, dotted: str):
+    for part in dotted.split("."):
+        if not isinstance(obj, dict) or part not in obj:
+            raise KeyError(dotted)
+        obj = obj[part]
+    return obj
+
+
+def _meta(path: Path) -> dict:
+    """The JSON beside a results file that says how it was made (metrics.json or
+    summary.json), or {}."""
+    for name in ("metrics.json", "summary.json"):
+        candidate = path.parent / name
+        if candidate.is_file():
+            return json.loads(candidate.read_text())
+    return {}
+
+
+def read_ours(spec: dict, root: Path) -> dict:
+    """One value from results: {value, files, source, scale, dataset, status, run_ids,
+    commits}; value None when no file matches."""
+    files = sorted(root.glob(spec["path"].removeprefix("results/")))
+    where = spec.get("key") or spec.get("column")
+    source = f"{spec['path']}#{where}"
+    if not files:
+        return {"value": None, "files": [], "source": source}
+    values, metas = [], [_meta(f) for f in files]
+    for f in files:
+        if "key" in spec:
+            values.append(_dig(json.loads(f.read_text()), spec["key"]))
+        else:
+            column = pd.read_csv(f)[spec["column"]].dropna()
+            values.extend(column.tolist())
+    agg = spec.get("agg", "one")
+    if not values:
+        value = None
+    elif all(isinstance(v, str) for v in values):
+        value = values[0] if len(set(values)) == 1 else ",".join(map(str, values))
+    elif agg == "one":
+        if len(values) != 1:
+            raise ReferenceError(f"{source}: {len(values)} values and agg 'one'")
+        value = values[0]
+    else:
+        numbers = [float(v) for v in values if v is not None]
+        value = {"mean": lambda x: sum(x) / len(x), "max": max, "min": min}[agg](numbers) \
+            if numbers else None
+    if spec.get("scale_pct") and isinstance(value, (int, float)):
+        value = 100 * value
+    return {"value": value, "files": [str(f) for f in files], "source": source,
+            "scale": ",".join(sorted({str(m.get("scale", "?")) for m in metas})),
+            "dataset": ",".join(sorted({str(m.get("dataset", "?")) for m in metas})),
+            "failed": [m.get("name", str(f)) for m, f in zip(metas, files)
+                       if m.get("status") == "failed"],
+            "run_ids": sorted({m["mlflow_run_id"] for m in metas if m.get("mlflow_run_id")}),
+            "commits": sorted({m["git_commit"] for m in metas if m.get("git_commit")})}
+
+
+# --- one claim -------------------------------------------------------------------------------
+
+def _expect(expr: str, values: dict) -> bool:
+    match = re.fullmatch(r"\s*(\w+)\s*(>=|<=|==|!=|>|<)\s*([\w.+-]+)\s*", expr)
+    if not match:
+        raise ReferenceError(f"expect {expr!r}: write '<name> <op> <name|number>'")
+    left, op, right = match.groups()
+    a = values[left]
+    b = values[right] if right in values else right
+    if isinstance(a, (int, float)) and not isinstance(b, (int, float)):
+        b = float(b)
+    return OPS[op](a, b)
+
+
+def evaluate(entry: dict, root: Path, scale: str) -> dict:
+    """The row of one claim."""
+    specs = entry.get("values") or {"ours": entry["ours"]}
+    read = {name: read_ours(spec, root) for name, spec in specs.items()}
+    first = next(iter(read.values()))
+    values = {name: r["value"] for name, r in read.items()}
+    comparable = entry["comparable"]
+    row = {"id": entry["id"], "study": entry["study"], "kind": entry["kind"],
+           "claim": entry["claim"], "paper": entry.get("paper_text", entry["paper"]),
+           "ours": _fmt(values) if len(values) > 1 else _fmt(values.get("ours")),
+           "scale": first.get("scale", ""), "dataset": first.get("dataset", ""),
+           "comparable_at": f"{comparable['scale']} / {comparable['dataset']}",
+           "gap": "", "source": "; ".join(r["source"] for r in read.values()),
+           "run_ids": ",".join(i for r in read.values() for i in r.get("run_ids", [])),
+           "commits": ",".join(sorted({c for r in read.values() for c in r.get("commits", [])}))}
+    failed = [n for r in read.values() for n in r.get("failed", [])]
+    missing = any(r["value"] is None for r in read.values())
+    if missing:
+        row["status"] = "not run at this scale"
+        row["ours"] = "not run"
+    elif failed and not entry["test"].get("expect", "").endswith("failed"):
+        row["status"] = "run failed"
+    elif entry["kind"] == "quantitative":
+        at_scale = (first["scale"] == comparable["scale"]
+                    and first["dataset"] == comparable["dataset"])
+        if entry["paper"] is not None and isinstance(values["ours"], (int, float)):
+            row["gap"] = _fmt(values["ours"] - entry["paper"])
+        if entry["paper"] is None:
+            row["status"] = "paper value not available"
+        elif not at_scale:
+            row["status"] = "not run at this scale"
+        else:
+            ok = abs(values["ours"] - entry["paper"]) <= entry["test"]["tolerance"]
+            row["status"] = "reproduced" if ok else "not reproduced"
+    else:
+        row["status"] = "reproduced" if _expect(entry["test"]["expect"], values) \
+            else "not reproduced"
+        if entry["paper"] is not None and isinstance(values.get("ours"), (int, float)):
+            row["gap"] = _fmt(values["ours"] - entry["paper"])
+    if row["scale"] == "default" and row["status"] != "not run at this scale":
+        row["note"] = "default scale, one seed per run"
+    else:
+        row["note"] = ""
+    assert row["status"] in STATUSES, row
+    return row
+
+
+def _fmt(value) -> str:
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {_fmt(v)}" for k, v in value.items())
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.4g}"
+    return "" if value is None else str(value)
+
+
+# --- run time --------------------------------------------------------------------------------
+
+def runtime(bench: Path, threads: dict[str, int]) -> pd.DataFrame:
+    """Job-seconds per study: the `s` column of each benchmarks/rules/<rule>[/...].tsv,
+    times the rule's threads."""
+    rows = []
+    files = sorted(bench.glob("*.tsv")) + sorted(bench.glob("*/*.tsv"))
+    seen = set()
+    for study, info in STUDIES.items():
+        total, jobs = 0.0, 0
+        for path in files:
+            rule = path.stem if path.parent == bench else path.parent.name
+            if path in seen or not any(fnmatch.fnmatch(rule, pat) for pat in info["rules"]):
+                continue
+            seen.add(path)
+            frame = pd.read_csv(path, sep="\t")
+            total += float(frame["s"].iloc[-1]) * threads.get(rule, 1)
+            jobs += 1
+        rows.append({"study": study, "jobs": jobs, "job_s": round(total, 1),
+                     "budget_s": info["budget_s"],
+                     "job_s_over_budget": round(total / info["budget_s"], 2),
+                     "job_s_over_15_min": round(total / DEFAULT_RUN_BUDGET_S, 3)})
+    frame = pd.DataFrame(rows)
+    total = frame["job_s"].sum()
+    frame.loc[len(frame)] = {"study": "all", "jobs": int(frame["jobs"].sum()),
+                             "job_s": round(total, 1), "budget_s": DEFAULT_RUN_BUDGET_S,
+                             "job_s_over_budget": round(total / DEFAULT_RUN_BUDGET_S, 2),
+                             "job_s_over_15_min": round(total / DEFAULT_RUN_BUDGET_S, 3)}
+    return frame
+
+
+# --- CLI -------------------------------------------------------------------------------------
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--results", default="results")
+    parser.add_argument("--benchmarks", default="benchmarks/rules")
+    parser.add_argument("--out", default="figures/report")
+    parser.add_argument("--scale", default="default")
+    parser.add_argument("--threads", default="{}", help="JSON {rule: threads}")
+
+
+def main(args) -> int:
+    ref = reference()
+    rows = [evaluate(entry, Path(args.results), args.scale) for entry in ref["claims"]]
+    frame = pd.DataFrame(rows)
+    out = Path(args.out)
+    write_csv(frame, out / "paper_vs_ours.csv")
+    shown = frame.drop(columns=["run_ids", "commits"])
+    counts = frame["status"].value_counts().to_dict()
+    head = (f"Paper vs ours — pipeline scale: {args.scale}. Statuses: "
+            + ", ".join(f"{s} {counts.get(s, 0)}" for s in STATUSES) + ".")
+    with atomic_path(out / "paper_vs_ours.md") as tmp:
+        tmp.write_text(f"{head}\n\n{shown.to_markdown(index=False)}\n")
+    with atomic_path(out / "paper_vs_ours.html") as tmp:
+        tmp.write_text(f"<p>{head}</p>\n" + shown.to_html(index=False, escape=True) + "\n")
+    dev = pd.DataFrame(ref["deviations"])
+    with atomic_path(out / "deviations.md") as tmp:
+        tmp.write_text("Deviations from the paper (pipeline/figures/reference.yaml)\n\n"
+                       f"{dev.to_markdown(index=False)}\n")
+    ran = frame[frame["ours"] != "not run"]
+    write_caption(out / "report_caption.rst", what=head, scale=args.scale,
+                  dataset=", ".join(sorted({d for v in ran["dataset"] for d in v.split(",") if d}))
+                  or "none",
+                  run_ids=[i for v in frame["run_ids"] for i in v.split(",") if i],
+                  commits=[c for v in frame["commits"] for c in v.split(",") if c])
+    times = runtime(Path(args.benchmarks), json.loads(args.threads))
+    write_csv(times, out / "runtime.csv")
+    with atomic_path(out / "runtime.md") as tmp:
+        tmp.write_text("Job-seconds per study (benchmarks/rules/, s x threads) against its "
+                       f"budget and the 15-minute default run\n\n{times.to_markdown(index=False)}\n")
+    print(head)
+    print(shown[["id", "status", "ours", "paper"]].to_string(index=False))
+    print(times.to_string(index=False))
+    return 0

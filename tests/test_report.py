@@ -1,0 +1,104 @@
+"""The report: paper vs ours from results/ only, and Snakemake's self-contained report,
+on the tiny end-to-end run (the `workflow` fixture of conftest.py)."""
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import snakemake
+from pipeline.figures.report import STATUSES, reference
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def report(workflow, venv_bin) -> dict:
+    proc = snakemake(workflow, venv_bin, "--report", "report.html", "--configfile", "tiny.yaml")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    html = (workflow / "report.html").read_text()
+    blob = re.search(r"var results = (\{.*?\});\n", html, re.S).group(1)
+    return json.loads(blob)
+
+
+def _value(path: Path, where: str):
+    if path.suffix == ".json":
+        node = json.loads(path.read_text())
+        for part in where.split("."):
+            node = node[part]
+        return node
+    return pd.read_csv(path)[where].dropna().tolist()
+
+
+def test_every_ours_cell_is_read_from_its_source(workflow):
+    table = pd.read_csv(workflow / "figures/report/paper_vs_ours.csv", keep_default_na=False)
+    entries = {e["id"]: e for e in reference()["claims"]}
+    assert set(table["id"]) == set(entries)
+    checked = 0
+    for row in table.itertuples():
+        assert row.status in STATUSES, row
+        if row.ours == "not run":
+            assert row.status == "not run at this scale"
+            continue
+        specs = entries[row.id].get("values") or {"ours": entries[row.id]["ours"]}
+        for (name, spec), source in zip(specs.items(), row.source.split("; ")):
+            rel, where = source.split("#")
+            path = workflow / rel
+            assert path.is_file() and where == spec.get("key", spec.get("column")), source
+            raw = _value(path, where)
+            if isinstance(raw, list):  # a CSV column: its aggregate
+                raw = {"max": max, "min": min}[spec["agg"]](raw)
+            if isinstance(raw, (int, float)):
+                raw = 100 * raw if spec.get("scale_pct") else raw
+                raw = f"{raw:.4g}" if isinstance(raw, float) and not math.isnan(raw) else str(raw)
+            shown = row.ours if len(specs) == 1 else dict(
+                part.split(" ", 1) for part in row.ours.split(", "))[name]
+            assert shown == str(raw), (row.id, name, shown, raw)
+            checked += 1
+    assert checked >= 4, "the tiny run should fill some ours cells"
+
+
+def test_default_scale_statuses(workflow):
+    table = pd.read_csv(workflow / "figures/report/paper_vs_ours.csv", keep_default_na=False)
+    status = dict(zip(table["id"], table["status"]))
+    # quantitative claims are comparable only at paper scale, on the paper's data
+    assert status["cifar10_large_upg"] == "not run at this scale"
+    assert status["ablation_acc_mdeq"] == "paper value not available"
+    assert status["upg_backward_faster"] in ("reproduced", "not reproduced")
+    md = (workflow / "figures/report/paper_vs_ours.md").read_text()
+    assert "pipeline scale: default" in md and "default scale, one seed per run" in md
+    dev = (workflow / "figures/report/deviations.md").read_text()
+    assert "digits" in dev
+    times = pd.read_csv(workflow / "figures/report/runtime.csv")
+    row = times.set_index("study").loc["ablations"]
+    assert row["jobs"] == len(yaml.safe_load((workflow / "params.yaml").read_text())
+                              ["ablations"]["runs"]) + 2  # + tiny's exploding run + report
+
+
+def test_every_figure_is_in_the_report_with_a_full_caption(workflow, report):
+    figures = sorted(str(p.relative_to(workflow)) for p in (workflow / "figures").rglob("*")
+                     if p.suffix in (".png", ".md"))
+    assert figures and set(figures) <= set(report), set(figures) - set(report)
+    commit = re.compile(r"[0-9a-f]{40}(-dirty)?|unknown")
+    for name in figures:
+        caption = report[name]["caption"]
+        assert "Scale:" in caption and "default" in caption, (name, caption)
+        assert "Dataset:" in caption and "MLflow run ids:" in caption, (name, caption)
+        ids = re.search(r"MLflow run ids:</strong> (.*?)</li>", caption).group(1)
+        assert re.search(r"[0-9a-f]{32}", ids), (name, ids)
+        assert commit.search(re.search(r"Commit:</strong> (.*?)</li>", caption).group(1))
+
+
+def test_deleting_the_table_plans_only_its_rule(workflow, venv_bin):
+    (workflow / "figures/report/paper_vs_ours.md").unlink()
+    proc = snakemake(workflow, venv_bin, "-n", "figures", "--configfile", "tiny.yaml")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from test_workflow_e2e import planned
+    assert planned(proc) == {"paper_vs_ours": 1, "figures": 1}, proc.stdout[-2000:]
+    proc = snakemake(workflow, venv_bin, "figures", "--configfile", "tiny.yaml")
+    assert proc.returncode == 0 and (workflow / "figures/report/paper_vs_ours.md").exists()
