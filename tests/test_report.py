@@ -102,3 +102,24 @@ def test_deleting_the_table_plans_only_its_rule(workflow, venv_bin):
     assert planned(proc) == {"paper_vs_ours": 1, "figures": 1}, proc.stdout[-2000:]
     proc = snakemake(workflow, venv_bin, "figures", "--configfile", "tiny.yaml")
     assert proc.returncode == 0 and (workflow / "figures/report/paper_vs_ours.md").exists()
+
+
+def test_dvc_lists_each_study_summary_metrics(workflow, repo_root, venv_bin):
+    """`dvc metrics show` in the tiny run's folder, with this repository's dvc.yaml."""
+    import shutil
+    import subprocess
+    for name in ("dvc.yaml", ".dvcignore"):
+        shutil.copy(repo_root / name, workflow / name)
+    import os
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1",
+           "PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}"}
+    run = lambda *cmd: subprocess.run(cmd, cwd=workflow, capture_output=True, text=True,
+                                      env=env)
+    assert run("git", "init", "-q").returncode == 0
+    assert run("dvc", "init", "-q").returncode == 0
+    proc = run("dvc", "metrics", "show", "--json")
+    assert proc.returncode == 0, proc.stderr
+    shown = json.dumps(json.loads(proc.stdout))
+    for name, values in json.loads(
+            (workflow / "figures/ablations/ablations_metrics.json").read_text()).items():
+        assert name in shown and values["status"] in shown

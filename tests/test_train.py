@@ -258,6 +258,19 @@ def test_resume_mid_epoch_after_kill_equals_an_uninterrupted_run(digits, tmp_pat
     assert curves(tmp_path / "straight") == curves(tmp_path / "out")
 
 
+def test_the_final_weights_are_kept_and_reproduce_the_final_evaluation(digits, tmp_path):
+    """The checkpoint goes when a run concludes; model.pt stays, for inspection."""
+    metrics = run_train("kept", TINY, digits, tmp_path / "out", tmp_path / "ck")
+    state = torch.load(tmp_path / "out" / "model.pt", weights_only=True)
+    cfg = TrainConfig.from_params(TINY)
+    task = task_registry.get_task("image")(cfg.model, cfg.data, digits, "cpu", cfg.batch_size,
+                                           cfg.eval_batch_size, cfg.seed)
+    model = task.build_model()
+    model.load_state_dict(state)
+    values = task.evaluate(model, cfg.forward_solver, cfg.estimator_config)
+    assert values["acc"] == metrics["final"]
+
+
 # --- divergence ------------------------------------------------------------------------------
 
 def _failed_run(tmp_path, name, params, data, uri):

@@ -185,6 +185,13 @@ def save_checkpoint(path: Path, model, opt, sched, state: dict, run_id, device: 
         torch.save(payload, tmp)
 
 
+def save_weights(path: Path, model) -> None:
+    """The model's state dict alone (``torch.load(path, weights_only=True)`` reads it)."""
+    from pipeline.io import atomic_path
+    with atomic_path(path) as tmp:
+        torch.save(model.state_dict(), tmp)
+
+
 def load_checkpoint(path: Path) -> dict:
     """``weights_only=True`` onto the CPU: the RNG states must stay CPU ByteTensors, and
     load_state_dict moves the rest onto the model's device."""
@@ -194,12 +201,14 @@ def load_checkpoint(path: Path) -> dict:
 # --- the loop --------------------------------------------------------------------------------
 
 def train(cfg: TrainConfig, task, tracker, checkpoint: Path | None = None, log=print,
-          rank: int = 0, world_size: int = 1, resume: dict | None = None) -> dict:
+          rank: int = 0, world_size: int = 1, resume: dict | None = None,
+          weights: Path | None = None) -> dict:
     """Train; return the results dict (also on divergence, with status "failed").
 
     ``task`` is a built task (:func:`.tasks.get_task`); ``tracker`` a
     :mod:`pipeline.tracking` run; ``checkpoint`` the file to save to; ``resume`` a
-    checkpoint loaded by :func:`load_checkpoint` to continue from.
+    checkpoint loaded by :func:`load_checkpoint` to continue from; ``weights`` where the
+    final (or, on divergence, the last) model weights go, to inspect after the run.
     """
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.manual_seed(cfg.seed)
@@ -290,6 +299,8 @@ def train(cfg: TrainConfig, task, tracker, checkpoint: Path | None = None, log=p
         status, reason = "failed", str(err)
         log(f"DIVERGED: {reason}")
         tracker.fail(reason)
+    if weights is not None:
+        save_weights(weights, model)
     return _results(cfg, task, state, status, reason, n_params)
 
 
@@ -480,11 +491,12 @@ def main(args) -> int:
                                  "name": args.name, "scale": args.scale},
                                 args.artifacts, run_id=run_id,
                                 batch_size=args.tracking_batch_size) as tracker:
+            out = Path(args.out)
             results = train(cfg, task, tracker, checkpoint,
-                            log=lambda msg: print(msg, flush=True), resume=resume)
+                            log=lambda msg: print(msg, flush=True), resume=resume,
+                            weights=out / "model.pt")
             results.update(study=args.study, name=args.name, scale=args.scale,
                            params_hash=phash, mlflow_run_id=tracker.run_id)
-            out = Path(args.out)
             write_csv(pd.DataFrame(results.pop("curves")), out / "curves.csv")
             write_json(results, out / "metrics.json")
             tracker.log_artifact(out / "metrics.json")

@@ -10,6 +10,7 @@ rule train_ablation:
     output:
         metrics="results/ablations/{run}/metrics.json",
         curves="results/ablations/{run}/curves.csv",
+        model="results/ablations/{run}/model.pt",
     params:
         **train_params("ablations", "train_ablation"),
     log:

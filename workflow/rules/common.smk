@@ -61,7 +61,7 @@ def dataset_files(name):
 
 # --- training studies: one job per entry of <study>.runs, all through `python -m pipeline train`
 # A study's training job is declared with these helpers and the wildcard {run}, as in
-#     input: unpack(train_inputs(STUDY)), output: results/STUDY/{run}/{metrics.json,curves.csv},
+#     input: unpack(train_inputs(STUDY)), output: results/STUDY/{run}/{metrics.json,curves.csv,model.pt},
 #     params: **train_params(STUDY, "rule_name"), resources: gpu=train_gpu(STUDY), shell: TRAIN_SHELL
 # Each job's params are its own merged run, so editing one entry reruns only that job (and
 # what reads its results); editing <study>.defaults reruns them all.
