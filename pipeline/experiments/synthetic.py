@@ -85,7 +85,7 @@ class SyntheticConfig:
     forward_target: float = 1e-5
     ks: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 14, 16, 18, 20)
     lams: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
-    dynamics_pairs: int = 8
+    dynamics_pairs: int = 4
     dynamics_seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     dynamics_layout: str = "per_pair"
     dynamics_solver: SolverConfig = SolverConfig("broyden", 100, 0.0)

@@ -66,7 +66,7 @@ def plot_cosine(study: dict, Lh: float):
         ax.set_title(f"{name.upper()}")
         ax.set_xlabel("unrolling steps k")
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("cosine similarity with the exact ∂L/∂u (mean over pairs)")
+    axes[0].set_ylabel("cos(estimate, exact ∂L/∂u), mean over pairs")
     axes[1].legend(fontsize=7, ncol=2, loc="lower right")
     fig.suptitle(f"Phantom gradient vs exact gradient, synthetic model, L_h = {Lh:g} "
                  f"(forward residual ≤ {summary['forward_rel_residual_max']:.1e}, "
