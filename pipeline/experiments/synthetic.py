@@ -23,8 +23,8 @@ Long runs: the grid is computed in chunks of ``chunk`` pairs, and each finished 
 ``<checkpoints>/synthetic/Lh=<L_h>/<params hash>/``. A killed job rerun with the same
 params resumes at its last finished chunk, in the same MLflow run, with the same final
 results; a concluded job removes its checkpoints. The estimated total time (pairs x
-measured seconds per pair) is printed before the grid starts, from one pair timed alone,
-and again from the first chunk; the progress line carries an ETA from the measured chunk
+measured seconds per pair) is printed before the grid starts, from one pair timed alone
+after a warm-up, and again from the first chunk; the progress line carries an ETA from the measured chunk
 time.
 
     python -m pipeline synthetic --Lh 0.9 --params '<synthetic slice as JSON>' \\
@@ -288,9 +288,11 @@ def fidelity(cfg: SyntheticConfig, show_progress: bool = True, checkpoint_dir: P
         log(f"synthetic L_h={cfg.Lh}: resuming at chunk {len(done) + 1} of {len(parts)} "
             f"({len(done)} finished chunks in {checkpoint_dir})")
     if todo:
-        # Before starting: one pair, timed alone (and discarded; it also warms up). Where
-        # batching pays (a GPU) it overestimates; the first chunk then refines it.
+        # Before starting: one pair, timed alone after a warm-up pair (both discarded; the
+        # first call of a process pays one-off costs, 3-4 x a pair's time on the CPU).
+        # Where batching pays (a GPU) it overestimates; the first chunk then refines it.
         first = parts[todo[0]][0]
+        grid_chunk(cfg, W, first, first + 1, batch_lams=batch_lams)
         per_pair = grid_chunk(cfg, W, first, first + 1, batch_lams=batch_lams)["seconds"]
         left = sum(b - a for a, b in (parts[j] for j in todo))
         log(f"synthetic L_h={cfg.Lh}: estimated total time of the grid {cfg.pairs} pairs x "
