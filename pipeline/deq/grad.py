@@ -197,8 +197,9 @@ def dense_solve(J: Tensor, grad: Tensor, dtype: torch.dtype | None = None) -> Te
     """g with (I - J^T) g = grad per sample (paper Eq. 4), J of shape (B, n, n); the LU solve
     runs in ``dtype`` (default: J's) and g comes back in grad's dtype and shape."""
     bsz, n = J.shape[0], J.shape[1]
-    A = torch.eye(n, dtype=dtype or J.dtype, device=J.device) - J.transpose(1, 2).to(dtype or J.dtype)
-    g = torch.linalg.solve(A, grad.reshape(bsz, n, 1).to(A.dtype))
+    dtype = dtype or J.dtype
+    A = torch.eye(n, dtype=dtype, device=J.device) - J.transpose(1, 2).to(dtype)
+    g = torch.linalg.solve(A, grad.reshape(bsz, n, 1).to(dtype))
     return g.to(grad.dtype).reshape_as(grad)
 
 

@@ -24,8 +24,8 @@ Long runs: the grid is computed in chunks of ``chunk`` pairs, and each finished 
 params resumes at its last finished chunk, in the same MLflow run, with the same final
 results; a concluded job removes its checkpoints. The estimated total time (pairs x
 measured seconds per pair) is printed before the grid starts, from one pair timed alone
-after a warm-up, and again from the first chunk; the progress line carries an ETA from the measured chunk
-time.
+after a warm-up, and again from the first chunk; the progress line carries an ETA from
+the measured chunk time.
 
     python -m pipeline synthetic --Lh 0.9 --params '<synthetic slice as JSON>' \\
         --out results/synthetic/Lh=0.9 --checkpoints checkpoints
@@ -251,7 +251,8 @@ def grid_chunk(cfg: SyntheticConfig, W: Tensor, start: int, stop: int,
     for ik, k in enumerate(cfg.ks):
         for ie, name in enumerate(PHANTOMS):
             est = phantom_grads(cfg, W, u_rows, y_rows, h_star, name, k, batch_lams)
-            stats[ie, ik, :, 0] = Fn.cosine_similarity(est, exact.expand_as(est), dim=2).double().cpu()
+            cos = Fn.cosine_similarity(est, exact.expand_as(est), dim=2)
+            stats[ie, ik, :, 0] = cos.double().cpu()
             stats[ie, ik, :, 1] = est.abs().sum(2).double().cpu()
             stats[ie, ik, :, 2] = est.norm(dim=2).double().cpu()
     if cfg.device.startswith("cuda"):
@@ -268,7 +269,8 @@ def chunks(cfg: SyntheticConfig) -> list[tuple[int, int]]:
 
 
 def fidelity(cfg: SyntheticConfig, show_progress: bool = True, checkpoint_dir: Path | None = None,
-             batch_lams: bool = True, log: Callable[[str], None] = print) -> tuple[pd.DataFrame, dict]:
+             batch_lams: bool = True, log: Callable[[str], None] = print
+             ) -> tuple[pd.DataFrame, dict]:
     """UPG / NPG vs exact dL/du over the (k, lambda) grid, chunk by chunk.
 
     Returns the grid (one row per estimator, k, lambda: cosine mean/std/min over
@@ -644,12 +646,13 @@ def run_and_log(cfg: SyntheticConfig, tracker, checkpoint_dir: Path | None = Non
                M.FORWARD_CONVERGED: float(s["forward_target_met"]),
                M.GRAD_REF_NORM_L1: s["exact_l1_mean"],
                M.TIME_PAIR: s["seconds_per_pair"], M.TIME_DYNAMICS: s["dynamics_seconds"]}
+    per_method = {M.BACKWARD_MIN_OBJECTIVE: "min_objective_rel_median",
+                  M.BACKWARD_FINAL_OBJECTIVE: "final_objective_rel_median",
+                  M.BACKWARD_ABOVE_START: "pairs_above_start",
+                  M.BACKWARD_L1_OVER_EXACT: "max_l1_over_exact",
+                  M.BACKWARD_COS_SIGN_CHANGES: "cos_sign_changes_median"}
     for method in METHODS:
-        m = s[f"dynamics_{method}"]
-        metrics.update({M.method_metric(M.BACKWARD_MIN_OBJECTIVE, method): m["min_objective_rel_median"],
-                        M.method_metric(M.BACKWARD_FINAL_OBJECTIVE, method): m["final_objective_rel_median"],
-                        M.method_metric(M.BACKWARD_ABOVE_START, method): m["pairs_above_start"],
-                        M.method_metric(M.BACKWARD_L1_OVER_EXACT, method): m["max_l1_over_exact"],
-                        M.method_metric(M.BACKWARD_COS_SIGN_CHANGES, method): m["cos_sign_changes_median"]})
+        metrics.update({M.method_metric(name, method): s[f"dynamics_{method}"][key]
+                        for name, key in per_method.items()})
     tracker.log_metrics(metrics)
     return result

@@ -15,7 +15,8 @@ Two constructions of W (``weight`` in params.yaml):
 
 >>> import torch
 >>> W = symmetric_weight(4, 0.9, torch.Generator().manual_seed(0))
->>> round(float(torch.linalg.matrix_norm(W, ord=2)), 6), round(float(torch.linalg.eigvalsh(W)[-1]), 6)
+>>> norm, top = torch.linalg.matrix_norm(W, ord=2), torch.linalg.eigvalsh(W)[-1]
+>>> round(float(norm), 6), round(float(top), 6)
 (0.9, 0.9)
 """
 from __future__ import annotations
