@@ -104,9 +104,10 @@ def run(args) -> list[dict]:
     u_rows, y_rows = u.reshape(-1, cfg.dim), y.reshape(-1, cfg.dim)
     h_star, _, _ = S._forward(cfg, W, u_rows)
     loads = [_load()]
+    layout = {b: dataclasses.replace(cfg, batch_lams=b) for b in (True, False)}
     for batch in (True, False):  # warm-up
         time_grid(cfg, W, u_rows, y_rows, h_star, batch)
-        S.grid_chunk(cfg, W, 0, cfg.pairs, batch)
+        S.grid_chunk(layout[batch], W, 0, cfg.pairs)
     grid_t = {True: [], False: []}
     chunk_t = {True: [], False: []}
     for r in range(args.repeats):
@@ -114,7 +115,7 @@ def run(args) -> list[dict]:
         for batch in order:
             grid_t[batch].append(time_grid(cfg, W, u_rows, y_rows, h_star, batch))
         for batch in order:
-            chunk_t[batch].append(S.grid_chunk(cfg, W, 0, cfg.pairs, batch)["seconds"])
+            chunk_t[batch].append(S.grid_chunk(layout[batch], W, 0, cfg.pairs)["seconds"])
         loads.append(_load())
         log(f"repeat {r + 1}/{args.repeats}: grid batched {grid_t[True][-1]:.3f}s, unbatched "
             f"{grid_t[False][-1]:.3f}s; chunk batched {chunk_t[True][-1]:.3f}s, unbatched "

@@ -180,7 +180,7 @@ def test_synthetic_config_defaults_are_the_params_yaml_defaults(raw):
     for Lh in raw["synthetic"]["Lh"]:
         assert SyntheticConfig.from_params(Lh, resolve(raw)["synthetic"]) == SyntheticConfig(Lh=Lh)
     paper = SyntheticConfig.from_params(0.9, resolve(raw, "paper")["synthetic"])
-    assert (paper.pairs, paper.device) == (50000, "cuda")
+    assert (paper.pairs, paper.device, paper.batch_lams) == (50000, "cuda", True)
 
 
 @pytest.mark.parametrize("dotted, bad", [("synthetic.weight", "orthogonal"),

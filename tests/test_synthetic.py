@@ -46,7 +46,7 @@ def tiny(params) -> dict:
     params = copy.deepcopy(params)
     syn = copy.deepcopy(params["synthetic"])
     syn.update(rows=4, dim=8, pairs=2, chunk=2)
-    syn["grid"] = {"k": KS, "lam": LAMS}
+    syn["grid"].update(k=KS, lam=LAMS)
     syn["dynamics"].update(pairs=2, max_iter=40, seeds=[0, 1])
     params["synthetic"] = {**syn, "Lh": [0.9, 0.99]}
     validate(params)
@@ -211,7 +211,8 @@ def test_all_lams_in_one_unroll_equal_one_unroll_per_lam(tiny, name):
 def test_a_chunk_of_the_grid_is_the_same_batched_or_not(tiny):
     cfg = SyntheticConfig.from_params(0.99, _tight(tiny))
     W = weight(cfg)
-    a, b = S.grid_chunk(cfg, W, 0, 2, batch_lams=True), S.grid_chunk(cfg, W, 0, 2, batch_lams=False)
+    a = S.grid_chunk(dataclasses.replace(cfg, batch_lams=True), W, 0, 2)
+    b = S.grid_chunk(dataclasses.replace(cfg, batch_lams=False), W, 0, 2)
     assert torch.equal(a["stats"], b["stats"])
 
 

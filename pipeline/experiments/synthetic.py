@@ -2,8 +2,8 @@
 
 1. Gradient fidelity: for every (k, lambda) of the grid, the UPG and NPG
    estimates of dL/du against the exact gradient, per (u, y) pair: cosine
-   similarity, L1 and L2 norms. All lambda of one k share one unroll, stacked
-   along the batch axis (``batch_lams``; equal to one unroll per lambda).
+   similarity, L1 and L2 norms. With ``grid.batch_lams`` all lambda of one k share
+   one unroll, stacked along the batch axis (equal to one unroll per lambda).
 2. Backward-solver dynamics (appendix Fig. 1), for each W seed of
    ``dynamics.seeds``: Broyden on the backward linear system
    (I - dF/dh)^T g = dL/dh, step by step, beside the phantom gradient's Neumann
@@ -85,6 +85,7 @@ class SyntheticConfig:
     forward_target: float = 1e-5
     ks: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 14, 16, 18, 20)
     lams: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+    batch_lams: bool = False
     dynamics_pairs: int = 4
     dynamics_seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     dynamics_layout: str = "per_pair"
@@ -137,6 +138,7 @@ class SyntheticConfig:
                    forward=SolverConfig(p["forward"]["solver"], p["forward"]["max_iter"], 0.0),
                    forward_target=p["forward"]["tol"],
                    ks=tuple(p["grid"]["k"]), lams=tuple(float(x) for x in p["grid"]["lam"]),
+                   batch_lams=p["grid"]["batch_lams"],
                    dynamics_pairs=d["pairs"], dynamics_seeds=tuple(d["seeds"]),
                    dynamics_layout=d["layout"],
                    dynamics_solver=SolverConfig(d["solver"], d["max_iter"], 0.0),
@@ -233,8 +235,7 @@ def phantom_grads(cfg: SyntheticConfig, W: Tensor, u_rows: Tensor, y_rows: Tenso
     return torch.stack(grads)
 
 
-def grid_chunk(cfg: SyntheticConfig, W: Tensor, start: int, stop: int,
-               batch_lams: bool = True) -> dict:
+def grid_chunk(cfg: SyntheticConfig, W: Tensor, start: int, stop: int) -> dict:
     """The grid on pairs [start, stop): per pair and (estimator, k, lam) the cosine with
     the exact dL/du, and the L1 and L2 norms (``stats``: PHANTOMS x ks x lams x 3 x pairs),
     the exact gradient's norms and the forward residual. CPU float64 tensors and plain
@@ -250,7 +251,7 @@ def grid_chunk(cfg: SyntheticConfig, W: Tensor, start: int, stop: int,
     stats = torch.empty(len(PHANTOMS), len(cfg.ks), len(cfg.lams), 3, c, dtype=torch.float64)
     for ik, k in enumerate(cfg.ks):
         for ie, name in enumerate(PHANTOMS):
-            est = phantom_grads(cfg, W, u_rows, y_rows, h_star, name, k, batch_lams)
+            est = phantom_grads(cfg, W, u_rows, y_rows, h_star, name, k, cfg.batch_lams)
             cos = Fn.cosine_similarity(est, exact.expand_as(est), dim=2)
             stats[ie, ik, :, 0] = cos.double().cpu()
             stats[ie, ik, :, 1] = est.abs().sum(2).double().cpu()
@@ -269,8 +270,7 @@ def chunks(cfg: SyntheticConfig) -> list[tuple[int, int]]:
 
 
 def fidelity(cfg: SyntheticConfig, show_progress: bool = True, checkpoint_dir: Path | None = None,
-             batch_lams: bool = True, log: Callable[[str], None] = print
-             ) -> tuple[pd.DataFrame, dict]:
+             log: Callable[[str], None] = print) -> tuple[pd.DataFrame, dict]:
     """UPG / NPG vs exact dL/du over the (k, lambda) grid, chunk by chunk.
 
     Returns the grid (one row per estimator, k, lambda: cosine mean/std/min over
@@ -294,15 +294,15 @@ def fidelity(cfg: SyntheticConfig, show_progress: bool = True, checkpoint_dir: P
         # first call of a process pays one-off costs, 3-4 x a pair's time on the CPU).
         # Where batching pays (a GPU) it overestimates; the first chunk then refines it.
         first = parts[todo[0]][0]
-        grid_chunk(cfg, W, first, first + 1, batch_lams=batch_lams)
-        per_pair = grid_chunk(cfg, W, first, first + 1, batch_lams=batch_lams)["seconds"]
+        grid_chunk(cfg, W, first, first + 1)
+        per_pair = grid_chunk(cfg, W, first, first + 1)["seconds"]
         left = sum(b - a for a, b in (parts[j] for j in todo))
         log(f"synthetic L_h={cfg.Lh}: estimated total time of the grid {cfg.pairs} pairs x "
             f"{per_pair:.4f} s/pair = {format_seconds(cfg.pairs * per_pair)} (one pair, timed "
             f"before starting; {left} pairs, {format_seconds(left * per_pair)} to go)")
     every = 10.0 if show_progress else math.inf
     for n, i in enumerate(progress(todo, len(todo), f"synthetic Lh={cfg.Lh} grid", every=every)):
-        part = grid_chunk(cfg, W, *parts[i], batch_lams=batch_lams)
+        part = grid_chunk(cfg, W, *parts[i])
         _save_part(checkpoint_dir, "grid", i, part)
         done[i] = part
         if n == 0 and len(todo) > 1:
@@ -509,9 +509,9 @@ def dynamics(cfg: SyntheticConfig, show_progress: bool = True, checkpoint_dir: P
 # --- both parts, and their checkpoints -----------------------------------------------------------
 
 def run(cfg: SyntheticConfig, show_progress: bool = True, checkpoint_dir: Path | None = None,
-        batch_lams: bool = True, log: Callable[[str], None] = print) -> dict:
+        log: Callable[[str], None] = print) -> dict:
     """Both parts of the study; returns {"grid", "dynamics", "pairs": DataFrame, "summary"}."""
-    grid, summary = fidelity(cfg, show_progress, checkpoint_dir, batch_lams, log)
+    grid, summary = fidelity(cfg, show_progress, checkpoint_dir, log)
     curves, table, dyn = dynamics(cfg, show_progress, checkpoint_dir, log)
     summary.update({f"dynamics_{k}": v for k, v in dyn.items()})
     return {"grid": grid, "dynamics": curves, "pairs": table, "summary": summary}
