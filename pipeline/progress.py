@@ -1,4 +1,7 @@
-"""Progress: a tqdm bar on a terminal, a one-line update every ``every`` seconds in a log file."""
+"""Progress: a tqdm bar on a terminal, a one-line update every ``every`` seconds in a log file.
+
+Both show an ETA from the measured time per item: (items left) x (elapsed / items done).
+"""
 from __future__ import annotations
 
 import sys
@@ -26,4 +29,17 @@ def progress(items: Iterable[T], total: int | None = None, desc: str = "",
         if now - last >= every or (done == total and every != float("inf")):
             last = now
             of = f"/{total}" if total else ""
-            print(f"[{desc}] {done}{of} done, {now - start:.1f}s elapsed", file=stream, flush=True)
+            eta = f", ETA {format_seconds((total - done) * (now - start) / done)}" if total else ""
+            print(f"[{desc}] {done}{of} done, {now - start:.1f}s elapsed{eta}", file=stream,
+                  flush=True)
+
+
+def format_seconds(seconds: float) -> str:
+    """12.3s, 4m05s, 7h02m."""
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, sec = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}m{sec:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"

@@ -70,6 +70,26 @@ RHO_LAMBDA_ITERS = "spectral/rho_lambda_iters"
 RHO_LAMBDA_SETTLED = "spectral/rho_lambda_settled"
 RHO_CHANGE = "spectral/rho_change"         # the last power step's largest relative change
 RHO_LAMBDA_CHANGE = "spectral/rho_lambda_change"
+# Synthetic study (pipeline.experiments.synthetic). A quantity measured for several methods
+# carries the method as a suffix, method_metric(GRAD_COS, "broyden") = "grad/cos_sim/broyden":
+# curves over k for the (k, lambda) grid (methods upg_lam0.5, npg_lam1, ...), over backward
+# steps for appendix Fig. 1 (methods broyden, phantom; medians over pairs and W seeds).
+GRAD_NORM_L2 = "grad/norm_l2"
+BACKWARD_OBJECTIVE = "backward/objective"  # ||(I - J^T) g - dL/dh||
+BACKWARD_REL_ERROR = "backward/rel_error"  # the objective over ||g||
+BACKWARD_MIN_OBJECTIVE = "backward/min_objective_rel"      # min over steps / the start (g = 0)
+BACKWARD_FINAL_OBJECTIVE = "backward/final_objective_rel"  # last step / the start
+BACKWARD_ABOVE_START = "backward/pairs_above_start"        # pairs whose last step ends above it
+BACKWARD_L1_OVER_EXACT = "backward/max_l1_over_exact"      # max over steps and pairs
+BACKWARD_COS_SIGN_CHANGES = "backward/cos_slope_sign_changes"  # median over pairs
+RHO_MIN = "spectral/rho_min"               # the smallest rho(dF/dh) at h* over pairs
+TIME_PAIR = "time/pair_s"                  # seconds per (u, y) pair of the (k, lambda) grid
+TIME_DYNAMICS = "time/dynamics_s"          # the backward-solver dynamics, all W seeds
+
+
+def method_metric(name: str, method: str) -> str:
+    """A quantity measured for several methods: ``grad/cos_sim/broyden``."""
+    return f"{name}/{method}"
 
 
 def eval_metric(name: str) -> str:

@@ -174,6 +174,27 @@ def test_train_config_defaults_are_the_params_yaml_defaults(raw):
     assert TrainConfig.from_params(study_run(resolve(raw), "ablations", "mdeq")) == built
 
 
+def test_synthetic_config_defaults_are_the_params_yaml_defaults(raw):
+    """SyntheticConfig's defaults must not contradict params.yaml, the one source of truth."""
+    from pipeline.experiments.synthetic import SyntheticConfig
+    for Lh in raw["synthetic"]["Lh"]:
+        assert SyntheticConfig.from_params(Lh, resolve(raw)["synthetic"]) == SyntheticConfig(Lh=Lh)
+    paper = SyntheticConfig.from_params(0.9, resolve(raw, "paper")["synthetic"])
+    assert (paper.pairs, paper.device, paper.batch_lams) == (50000, "cuda", True)
+
+
+@pytest.mark.parametrize("dotted, bad", [("synthetic.weight", "orthogonal"),
+                                         ("synthetic.device", "gpu"),
+                                         ("synthetic.dynamics.layout", "all"),
+                                         ("synthetic.dynamics.seeds", []),
+                                         ("synthetic.u_scale", 0)])
+def test_bad_synthetic_choices_name_their_key(raw, dotted, bad):
+    params = copy.deepcopy(raw)
+    *parents, leaf = dotted.split(".")
+    _get(params, ".".join(parents))[leaf] = bad
+    _rejects(params, dotted)
+
+
 def test_unknown_top_level_key(raw):
     params = copy.deepcopy(raw)
     params["synthetc"] = {"pairs": 3}

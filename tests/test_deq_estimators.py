@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from pipeline.deq import (ESTIMATORS, EstimatorConfig, SolverConfig, attach_estimator,
-                          implicit_layer, solve, spectral_normalize)
+                          attach_phantom, implicit_layer, solve, spectral_normalize)
 from pipeline.deq.grad import unroll
 
 DTYPE = torch.float64
@@ -376,6 +376,35 @@ def test_attach_estimator_equals_implicit_layer(model, est):
     a = flat_grad(attach_estimator(model.func(u), h_star, est))
     b = flat_grad(implicit_layer(model.func(u), torch.zeros(B, N, dtype=DTYPE), TIGHT, est)[0])
     torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["upg", "npg"])
+def test_a_damping_per_sample_equals_one_run_per_lambda(model, name):
+    """Several lam in one batch (a (B * L, 1) tensor, the batch tiled L times) give each
+    copy the input gradient its lam gives alone."""
+    u, y = data()
+    with torch.no_grad():
+        h_star, _ = solve(model.func(u), torch.zeros(B, N, dtype=DTYPE), TIGHT)
+    lams = (0.3, 0.7, 1.0)
+    alone = []
+    for lam in lams:
+        ul = u.clone().requires_grad_()
+        h = attach_estimator(model.func(ul), h_star, EstimatorConfig(name, k=4, lam=lam))
+        ((h - y) ** 2).sum().backward()
+        alone.append(ul.grad)
+    tiled = u.repeat(len(lams), 1).requires_grad_()
+    lam = torch.tensor(lams, dtype=DTYPE).repeat_interleave(B).unsqueeze(1)
+    h = attach_phantom(model.func(tiled), h_star.repeat(len(lams), 1), name, 4, lam)
+    ((h - y.repeat(len(lams), 1)) ** 2).sum().backward()
+    torch.testing.assert_close(tiled.grad.reshape(len(lams), B, D), torch.stack(alone),
+                               atol=1e-14, rtol=1e-12)
+    assert not torch.allclose(alone[0], alone[1])  # the lam do differ
+
+
+def test_attach_phantom_rejects_other_names(model):
+    u, _ = data()
+    with pytest.raises(ValueError, match="'implicit'.*upg"):
+        attach_phantom(model.func(u), torch.zeros(B, N, dtype=DTYPE), "implicit", 2, 0.5)
 
 
 @pytest.mark.parametrize("name", ["bptt", "unrolled"])

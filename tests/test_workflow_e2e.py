@@ -49,6 +49,7 @@ def test_every_figure_and_result_is_built(workflow):
     for Lh in tiny["synthetic"]["Lh"]:
         summary = json.loads((workflow / f"results/synthetic/Lh={Lh:g}/summary.json").read_text())
         assert summary["Lh"] == Lh and summary["scale"] == "default"
+    assert not (workflow / "checkpoints" / "synthetic").exists(), "concluded jobs keep no chunks"
     converged = 0
     for name in params["ablations"]["runs"]:
         metrics = json.loads((workflow / f"results/ablations/{name}/metrics.json").read_text())
@@ -88,9 +89,9 @@ def test_one_mlflow_run_per_job_with_curves(workflow):
             assert run.info.status == ("FAILED" if failing else "FINISHED"), run.info.run_name
             assert {"git_commit", "params_hash", "study", "rule", "wildcards", "scale"} <= set(run.data.tags)
     run = job_runs(client, client.get_experiment_by_name("synthetic").experiment_id)[0]
-    assert len(client.get_metric_history(run.info.run_id, "upg_cos_lam0.5")) == \
+    assert len(client.get_metric_history(run.info.run_id, "grad/cos_sim/upg_lam0.5")) == \
         len(tiny["synthetic"]["grid"]["k"])
-    assert len(client.get_metric_history(run.info.run_id, "broyden_cosine")) == \
+    assert len(client.get_metric_history(run.info.run_id, "grad/cos_sim/broyden")) == \
         tiny["synthetic"]["dynamics"]["max_iter"] + 1
 
 

@@ -125,10 +125,18 @@ def _vjp(y: Tensor, x: Tensor, v: Tensor) -> Tensor:
     return torch.autograd.grad(y, x, v, retain_graph=True)[0]
 
 
-def _attach_backward(func: Func, h_star: Tensor, lam: float, backward: Callable) -> Tensor:
+def _damped(func: Func, h: Tensor, lam) -> Tensor:
+    """(1-lam) h + lam F(h); F(h) itself for a float lam = 1. A tensor ``lam`` (one damping
+    per sample, e.g. shape (B, 1)) lets one batch hold several lam side by side."""
+    if not isinstance(lam, Tensor) and lam == 1.0:
+        return func(h)
+    return (1 - lam) * h + lam * func(h)
+
+
+def _attach_backward(func: Func, h_star: Tensor, lam, backward: Callable) -> Tensor:
     """y = (1-lam) h* + lam F(h*), with ``backward(y, h, grad)`` giving the vector y passes on."""
     h = h_star.detach().requires_grad_()
-    y = func(h) if lam == 1.0 else (1 - lam) * h + lam * func(h)
+    y = _damped(func, h, lam)
     return _BackwardHook.apply(y, lambda grad: backward(y, h, grad))
 
 
@@ -168,24 +176,39 @@ def dense_backward(y: Tensor, h: Tensor, grad: Tensor) -> Tensor:
     The Jacobian of each sample is built from n VJPs, one per coordinate,
     taken for the whole batch at once.
     """
-    bsz = grad.shape[0]
-    n = grad[0].numel()
+    return dense_solve(dense_jacobian(y, h), grad)
+
+
+def dense_jacobian(y: Tensor, h: Tensor) -> Tensor:
+    """J = dy/dh per sample, shape (B, n, n) with n = h[0].numel(), from n VJPs.
+
+    Assumes samples (dim 0) do not interact inside y; each VJP serves the whole batch.
+    """
+    bsz, n = h.shape[0], h[0].numel()
     if n > 8192:
         raise ValueError(f"exact estimator: {n} unknowns per sample is too many for a dense "
                          "solve; use 'implicit' with a tight b_tol")
-    eye = torch.eye(n, dtype=grad.dtype, device=grad.device)
-    rows = [_vjp(y, h, eye[i].expand(bsz, n).reshape_as(grad)).reshape(bsz, n) for i in range(n)]
-    JT = torch.stack(rows, dim=1).transpose(1, 2)  # JT[b] = J_b^T; rows[i] = e_i^T J
-    A = eye - JT
-    g = torch.linalg.solve(A, grad.reshape(bsz, n, 1))
-    return g.reshape_as(grad)
+    eye = torch.eye(n, dtype=y.dtype, device=y.device)
+    rows = [_vjp(y, h, eye[i].expand(bsz, n).reshape_as(y)).reshape(bsz, n) for i in range(n)]
+    return torch.stack(rows, dim=1)  # rows[i] = e_i^T J: row i of J
 
 
-def unroll(func: Func, h0: Tensor, steps: int, lam: float = 1.0) -> Tensor:
-    """``steps`` damped applications of F under autograd: h <- (1-lam) h + lam F(h)."""
+def dense_solve(J: Tensor, grad: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """g with (I - J^T) g = grad per sample (paper Eq. 4), J of shape (B, n, n); the LU solve
+    runs in ``dtype`` (default: J's) and g comes back in grad's dtype and shape."""
+    bsz, n = J.shape[0], J.shape[1]
+    dtype = dtype or J.dtype
+    A = torch.eye(n, dtype=dtype, device=J.device) - J.transpose(1, 2).to(dtype)
+    g = torch.linalg.solve(A, grad.reshape(bsz, n, 1).to(dtype))
+    return g.to(grad.dtype).reshape_as(grad)
+
+
+def unroll(func: Func, h0: Tensor, steps: int, lam=1.0) -> Tensor:
+    """``steps`` damped applications of F under autograd: h <- (1-lam) h + lam F(h);
+    ``lam`` a float or a per-sample tensor (see :func:`attach_phantom`)."""
     h = h0
     for _ in range(steps):
-        h = func(h) if lam == 1.0 else (1 - lam) * h + lam * func(h)
+        h = _damped(func, h, lam)
     return h
 
 
@@ -307,16 +330,32 @@ def attach_estimator(func: Func, h_star: Tensor, estimator: EstimatorConfig,
     the training diagnostics compare them on the same h*).
     """
     est = estimator.effective
-    if est.name == "upg":  # Alg. 1
-        return unroll(func, h_star.detach(), est.k, est.lam)
-    if est.name == "npg":  # Alg. 2 / 3
-        return _attach_backward(func, h_star, est.lam, neumann_backward(est.k))
+    if est.name in ("upg", "npg"):
+        return attach_phantom(func, h_star, est.name, est.k, est.lam)
     if est.name == "implicit":
         back = implicit_backward(est.backward_solver, backward_stats)
         return _attach_backward(func, h_star, 1.0, back)
     if est.name == "exact":
         return _attach_backward(func, h_star, 1.0, dense_backward)
     raise ValueError(f"estimator {est.name!r} needs the forward unroll; use implicit_layer")
+
+
+PHANTOMS = ("upg", "npg")
+
+
+def attach_phantom(func: Func, h_star: Tensor, name: str, k: int, lam) -> Tensor:
+    """The phantom gradient A_{k,lam} at h*: ``upg`` (Alg. 1) or ``npg`` (Alg. 2 / 3).
+
+    ``lam`` is a float, or a tensor broadcastable against h* holding one damping per
+    sample: several lam then share one unroll, stacked along the batch axis, and each
+    sample's gradient is the one its own lam would give alone (samples do not interact
+    in F). :func:`attach_estimator` is the validated entry point for one lam.
+    """
+    if name == "upg":  # Alg. 1
+        return unroll(func, h_star.detach(), k, lam)
+    if name == "npg":  # Alg. 2 / 3
+        return _attach_backward(func, h_star, lam, neumann_backward(k))
+    raise ValueError(f"phantom gradient {name!r} is not one of {list(PHANTOMS)}")
 
 
 def _bptt(func: Func, h0: Tensor, solver: SolverConfig) -> tuple[Tensor, SolverStats]:

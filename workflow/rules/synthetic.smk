@@ -1,4 +1,6 @@
 # Synthetic spectral-normalised study (appendix §4.1, §4.4): one job per L_h.
+# A job writes each finished chunk under checkpoints/synthetic/ (Snakemake deletes a failed
+# job's outputs, not those); rerun, it resumes at its last finished chunk.
 
 SYNTHETIC = PARAMS["synthetic"]
 SYNTHETIC_LH = [lh_wildcard(Lh) for Lh in SYNTHETIC["Lh"]]  # one folder per value, no collisions
@@ -13,6 +15,7 @@ rule synthetic_study:
     output:
         grid="results/synthetic/Lh={Lh}/grid.csv",
         dynamics="results/synthetic/Lh={Lh}/dynamics.csv",
+        pairs="results/synthetic/Lh={Lh}/pairs.csv",
         summary="results/synthetic/Lh={Lh}/summary.json",
     params:
         synthetic=SYNTHETIC_SLICE,
@@ -25,11 +28,13 @@ rule synthetic_study:
     benchmark:
         "benchmarks/rules/synthetic_study/Lh={Lh}.tsv"
     threads: 1
+    resources:
+        gpu=int(SYNTHETIC["device"].startswith("cuda")),
     conda:
         "../../envs/pipeline.yaml"
     shell:
         "python -m pipeline synthetic --Lh {wildcards.Lh} --params {params.synthetic:q}"
-        " --scale {params.scale} --out {params.out} {params.tracking}"
+        " --scale {params.scale} --out {params.out} --checkpoints checkpoints {params.tracking}"
         " --tags {params.tags:q} --threads {threads} > {log} 2>&1"
 
 
@@ -38,6 +43,7 @@ rule plot_synthetic:
         summaries=expand("results/synthetic/Lh={Lh}/summary.json", Lh=SYNTHETIC_LH),
         grids=expand("results/synthetic/Lh={Lh}/grid.csv", Lh=SYNTHETIC_LH),
         dynamics=expand("results/synthetic/Lh={Lh}/dynamics.csv", Lh=SYNTHETIC_LH),
+        pairs=expand("results/synthetic/Lh={Lh}/pairs.csv", Lh=SYNTHETIC_LH),
     output:
         cosine=multiext("figures/synthetic/synthetic_cosine", ".png", ".pdf"),
         dynamics=multiext("figures/synthetic/synthetic_solver_dynamics", ".png", ".pdf"),
