@@ -8,12 +8,12 @@ a call).
 The store is created once, before parallel jobs start, by::
 
     python -m pipeline init-tracking --uri sqlite:///mlruns/mlflow.db \
-        --artifacts mlruns/artifacts --experiments synthetic ablations --scale default \
+        --artifacts mlruns/artifacts --experiments synthetic ablations --scales default paper \
         --touch mlruns/.ready
 
 Each study's runs sit under one parent run per scale (``<study> (<scale>)``, tags
-``pipeline.role = parent`` and ``scale``): ``init-tracking --scale`` makes it, and a job
-finds it (or makes it, after a scale switch) when it starts. Experiments are tagged
+``pipeline.role = parent`` and ``scale``): ``init-tracking --scales`` makes them, and a
+job finds its own (or makes it, for a study added later) when it starts. Experiments are tagged
 ``mlflow.experimentKind = custom_model_development``, so MLflow 3's UI opens them in
 its model-training view. Browse with ``make ui``.
 
@@ -325,20 +325,21 @@ def add_arguments(parser) -> None:
     parser.add_argument("--uri", required=True)
     parser.add_argument("--artifacts", required=True)
     parser.add_argument("--experiments", nargs="+", required=True)
-    parser.add_argument("--scale", default=None, help="make each study's parent run for it")
+    parser.add_argument("--scales", nargs="*", default=[],
+                        help="make each study's parent run for each of these scales")
     parser.add_argument("--touch", help="marker file written once the store is ready")
 
 
 def main(args) -> int:
-    ids = init_store(args.uri, args.artifacts, args.experiments, args.scale)
+    ids = init_store(args.uri, args.artifacts, args.experiments)
     parents = {}
-    if args.scale and ids:
+    if ids:
         client = _client(args.uri)
-        parents = {name: parent_run(client, i, name, args.scale) for name, i in ids.items()}
-    print(f"MLflow store {args.uri}: experiments {ids}, parent runs ({args.scale}) {parents}")
+        parents = {scale: {name: parent_run(client, i, name, scale) for name, i in ids.items()}
+                   for scale in args.scales}
+    print(f"MLflow store {args.uri}: experiments {ids}, parent runs {parents}")
     if args.touch:
         Path(args.touch).parent.mkdir(parents=True, exist_ok=True)
         Path(args.touch).write_text(json.dumps({"uri": args.uri, "experiments": ids,
-                                                "scale": args.scale,
                                                 "parents": parents}) + "\n")
     return 0

@@ -590,14 +590,15 @@ def main(args) -> int:
           f"{cfg.chunk}, {len(cfg.ks)} k x {len(cfg.lams)} lambda, {cfg.dtype} on {cfg.device}; "
           f"dynamics over {len(cfg.dynamics_seeds)} W seeds ({cfg.dynamics_layout}); "
           f"checkpoints in {ckdir}", flush=True)
-    with tracking.start_run(args.tracking_uri, "synthetic", f"synthetic Lh={args.Lh}", tags,
+    with tracking.start_run(args.tracking_uri, "synthetic", f"Lh={args.Lh}", tags,
                             {"synthetic": params, "Lh": args.Lh, "scale": args.scale},
                             args.artifacts, run_id=run_id,
                             batch_size=args.tracking_batch_size) as tracker:
         if tracker.run_id is not None and run_id is None:
             write_json({"run_id": tracker.run_id}, run_file)
         result = run_and_log(cfg, tracker, ckdir, log=lambda msg: print(msg, flush=True))
-        result["summary"]["scale"] = args.scale
+        result["summary"].update(scale=args.scale, dataset="synthetic",
+                                 mlflow_run_id=tracker.run_id, git_commit=tracking.git_commit())
         write_csv(result["grid"], out / "grid.csv")
         write_csv(result["dynamics"], out / "dynamics.csv")
         write_csv(result["pairs"], out / "pairs.csv")

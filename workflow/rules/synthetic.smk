@@ -45,9 +45,17 @@ rule plot_synthetic:
         dynamics=expand("results/synthetic/Lh={Lh}/dynamics.csv", Lh=SYNTHETIC_LH),
         pairs=expand("results/synthetic/Lh={Lh}/pairs.csv", Lh=SYNTHETIC_LH),
     output:
-        cosine=multiext("figures/synthetic/synthetic_cosine", ".png", ".pdf"),
-        dynamics=multiext("figures/synthetic/synthetic_solver_dynamics", ".png", ".pdf"),
-        table=multiext("figures/synthetic/synthetic_summary", ".csv", ".md"),
+        cosine=report("figures/synthetic/synthetic_cosine.png",
+                      caption="../report/synthetic_cosine.rst", category="synthetic"),
+        cosine_pdf="figures/synthetic/synthetic_cosine.pdf",
+        dynamics=report("figures/synthetic/synthetic_solver_dynamics.png",
+                        caption="../report/synthetic_dynamics.rst", category="synthetic"),
+        dynamics_pdf="figures/synthetic/synthetic_solver_dynamics.pdf",
+        table_csv="figures/synthetic/synthetic_summary.csv",
+        table=report("figures/synthetic/synthetic_summary.md",
+                     caption="../report/synthetic_summary.rst", category="synthetic"),
+        caption="figures/synthetic/synthetic_caption.rst",
+        metrics="figures/synthetic/synthetic_metrics.json",
     params:
         dirs=expand("results/synthetic/Lh={Lh}", Lh=SYNTHETIC_LH),
     log:

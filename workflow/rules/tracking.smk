@@ -1,6 +1,6 @@
 # The MLflow store is created once here, before any tracked job runs in parallel
-# (concurrent schema migrations race), with each study's parent run for this scale; a
-# job finds its parent by study and scale (a later scale switch makes its own).
+# (concurrent schema migrations race), with each study's parent run for every scale; a
+# job finds its parent by study and scale (or makes it, for a study added later).
 # Consumers take it as ancient() input.
 
 
@@ -11,7 +11,8 @@ rule init_tracking:
         uri=TRACKING["uri"],
         artifacts=TRACKING["artifacts"],
         experiments=["synthetic", *TRAIN_STUDIES],
-        scale=SCALE,
+        scales=["default", *(PARAMS.get("scales") or {})],  # all of them: a scale switch
+                                                            # must not rerun this rule
     log:
         "logs/init_tracking.log",
     benchmark:
@@ -21,5 +22,5 @@ rule init_tracking:
         "../../envs/pipeline.yaml"
     shell:
         "python -m pipeline init-tracking --uri {params.uri} --artifacts {params.artifacts}"
-        " --experiments {params.experiments} --scale {params.scale}"
+        " --experiments {params.experiments} --scales {params.scales}"
         " --touch {output.ready} > {log} 2>&1"
