@@ -189,6 +189,7 @@ def plot(rows: list[dict], stem: Path) -> list[Path]:
     axes[1].set_xticks([0, 1], [f"batched ({get[('matmul', 'batched')]['matmul_rows']} rows)",
                                 f"unbatched ({get[('matmul', 'unbatched')]['matmul_rows']} rows)"])
     axes[1].set_ylabel("GFLOP/s")
+    axes[1].set_ylim(top=1.3 * max(get[("matmul", lay)]["gflops"] for lay in layouts))
     axes[1].legend(fontsize=8)
     r0 = rows[0]
     fig.suptitle(f"Synthetic grid: {r0['pairs']} pairs of {r0['rows']} x {r0['dim']}, float32, "

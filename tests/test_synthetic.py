@@ -36,6 +36,16 @@ LAMS = [0.1, 0.5, 1.0]
 TIMING_KEYS = ("grid_seconds", "seconds_per_pair", "dynamics_seconds")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread, as the Snakemake rule runs the study: on a shared 2-core machine two
+    threads can be several times slower than one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def params(repo_root) -> dict:
     return yaml.safe_load((repo_root / "params.yaml").read_text())

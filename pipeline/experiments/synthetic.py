@@ -208,7 +208,7 @@ def _exact(W: Tensor, u_rows: Tensor, h_star: Tensor, grad_h: Tensor):
 # --- 1. gradient fidelity over the (k, lambda) grid --------------------------------------------
 
 def phantom_grads(cfg: SyntheticConfig, W: Tensor, u_rows: Tensor, y_rows: Tensor,
-                  h_star: Tensor, name: str, k: int, batch_lams: bool = True) -> Tensor:
+                  h_star: Tensor, name: str, k: int, batch_lams: bool) -> Tensor:
     """dL/du of the phantom gradient ``name`` A_{k,lam} for every lam of the grid:
     shape (len(lams), pairs, N * D).
 
