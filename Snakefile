@@ -25,6 +25,7 @@ include: "workflow/rules/tracking.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/synthetic.smk"
 include: "workflow/rules/ablations.smk"
+include: "workflow/rules/graph.smk"
 
 
 rule figures:
@@ -32,6 +33,7 @@ rule figures:
     input:
         rules.plot_synthetic.output,
         rules.report_ablations.output,
+        rules.report_graph.output,
     localrule: True
     default_target: True
 

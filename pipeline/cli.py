@@ -31,6 +31,9 @@ COMMANDS = {
     "data": ("pipeline.data.cli", "download, verify and export a dataset"),
     "train": ("pipeline.experiments.train", "train one MDEQ-Tiny ablation"),
     "report-ablations": ("pipeline.figures.ablations", "ablation table and figures"),
+    "train-repeats": ("pipeline.experiments.repeats",
+                      "train every fold or seed of one run in-process (IGNN)"),
+    "report-graph": ("pipeline.figures.graph", "IGNN tables and figures"),
 }
 
 

@@ -47,10 +47,16 @@ def job_tags(rule, **wildcards):
     return as_json({"rule": rule, "wildcards": ",".join(f"{k}={v}" for k, v in wildcards.items())})
 
 
+GRAPH_DATASETS = ("mutag", "chains", "cox2", "proteins", "ppi")  # pipeline/data/graphs.py layout
+
+
 def dataset_files(name):
-    """The three files of data/<name>, ancient(): a `dvc pull` alone must not rerun consumers."""
+    """The files of data/<name>, ancient(): a `dvc pull` alone must not rerun consumers.
+    Image datasets: train.npz, test.npz, meta.json; graph datasets: graphs.npz, meta.json."""
     root = PARAMS["data"]["root"]
-    return [ancient(f"{root}/{name}/{f}") for f in ("train.npz", "test.npz", "meta.json")]
+    files = ("graphs.npz", "meta.json") if name in GRAPH_DATASETS else \
+        ("train.npz", "test.npz", "meta.json")
+    return [ancient(f"{root}/{name}/{f}") for f in files]
 
 
 # --- training studies: one job per entry of <study>.runs, all through `python -m pipeline train`
@@ -95,12 +101,15 @@ def train_gpu(study):
     return lambda wc: int(run_config(study, wc.run)["device"].startswith("cuda"))
 
 
+TRAIN_COMMAND = "python -m pipeline train "
 TRAIN_SHELL = (
-    "python -m pipeline train --study {params.study} --name {wildcards.run}"
+    TRAIN_COMMAND + "--study {params.study} --name {wildcards.run}"
     " --params {params.run:q} --data {params.data_dir:q} --out {params.out:q}"
     " --checkpoints checkpoints --scale {params.scale} {params.tracking}"
     " --tags {params.tags:q} --threads {threads} > {log} 2>&1"
 )
+# The same flags for a run whose folds or seeds are trained in one job (IGNN's studies).
+REPEATS_SHELL = TRAIN_SHELL.replace(TRAIN_COMMAND, "python -m pipeline train-repeats ")
 
 
 def report_failed_runs():
@@ -115,6 +124,8 @@ def report_failed_runs():
                     metrics = json.load(handle)
                 if metrics.get("status") == "failed":
                     failed.append(f"  {study}/{name}: {metrics.get('reason', '')}")
+                for unit in metrics.get("failed", []) if metrics.get("status") != "failed" else []:
+                    failed.append(f"  {study}/{name}/{unit['unit']}: {unit['reason']}")
     if failed:
         print(f"{len(failed)} run(s) FAILED (diverged; recorded, not a crash: see the tables"
               " and MLflow):\n" + "\n".join(failed), file=sys.stderr)
