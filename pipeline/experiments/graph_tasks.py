@@ -136,7 +136,7 @@ class GraphStore:
         # A^T: entry (dst, src), what X A = (A^T X^T)^T multiplies by
         adj_t = torch.sparse_coo_tensor(torch.from_numpy(np.stack([dst, src])),
                                         torch.from_numpy(self.weights[edge_idx]).float(),
-                                        (n, n)).coalesce()
+                                        (n, n), check_invariants=False).coalesce()
         graph = np.repeat(np.arange(len(graphs)), sizes)
         return {"x": self.features[nodes].to(device), "adj_t": adj_t.to(device),
                 "lambda_pf": max(self.lambda_pf(int(g)) for g in graphs),
