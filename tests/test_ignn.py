@@ -220,3 +220,23 @@ def test_inf_stop_mode_stops_on_the_largest_absolute_change(name):
 def test_inf_stop_mode_is_refused_for_gmres():
     with pytest.raises(ValueError, match="stop_mode='inf'"):
         SolverConfig("gmres", stop_mode="inf")
+
+
+# --- the benchmark's IGNN configurations ---------------------------------------------------------
+
+def test_backward_benchmark_runs_the_ignn_configs(tmp_path, repo_root):
+    """``python -m benchmarks.backward --config ignn_graph --quick``: the command runs and
+    writes one row per estimator; what it measures is not checked (a shared machine)."""
+    import csv
+    import subprocess
+    import sys
+    out = tmp_path / "ignn_graph.csv"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.backward", "--config", "ignn_graph",
+                           "--quick", "--out-csv", str(out)], cwd=repo_root, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = list(csv.DictReader(out.open()))
+    assert [r["estimator"] for r in rows] == ["implicit", "upg", "npg"]
+    assert float(rows[0]["backward_ratio_implicit_over_this"]) == 1.0
+    assert all(float(r["project_share"]) > 0 and float(r["peak_mem_mb"]) > 0 for r in rows)
+    assert "backward implicit/UPG" in proc.stdout

@@ -191,11 +191,14 @@ class ImplicitGraph(nn.Module):
         return func, injection.detach()[None]
 
     def forward(self, u: Tensor, adj_t: Tensor, lambda_pf: float, solver: SolverConfig,
-                estimator: EstimatorConfig) -> tuple[Tensor, SolverStats]:
-        """The layer's equilibrium X* (m, N) and the forward solver's stats."""
+                estimator: EstimatorConfig, backward_stats: list | None = None
+                ) -> tuple[Tensor, SolverStats]:
+        """The layer's equilibrium X* (m, N) and the forward solver's stats; an ``implicit``
+        backward appends its SolverStats to ``backward_stats``."""
         self.project_(lambda_pf)
         func, h0 = self.problem(u, adj_t)
-        h, stats = implicit_layer(func, h0, solver, estimator, training=self.training)
+        h, stats = implicit_layer(func, h0, solver, estimator, training=self.training,
+                                  backward_stats=backward_stats)
         return h[0], stats
 
 
@@ -245,14 +248,14 @@ class IGNN(nn.Module):
         return {"F": _Group([layer.W for layer in self.layers]), "injection": _Group(injection),
                 "head": self.head}
 
-    def forward(self, batch: dict, solver: SolverConfig, estimator: EstimatorConfig
-                ) -> tuple[Tensor, SolverStats]:
+    def forward(self, batch: dict, solver: SolverConfig, estimator: EstimatorConfig,
+                backward_stats: list | None = None) -> tuple[Tensor, SolverStats]:
         with torch.set_grad_enabled(self.training and torch.is_grad_enabled()):
             u = batch["x"].t()                                           # (p, N)
             stats = SolverStats()
             for i, layer in enumerate(self.layers):
                 x, stats = layer(u, batch["adj_t"], float(batch["lambda_pf"]), solver,
-                                 estimator)
+                                 estimator, backward_stats)
                 if self.config.skip:
                     x = x + self.skips[i](u.t()).t()
                     if i < len(self.layers) - 1:
