@@ -236,7 +236,7 @@ def test_backward_benchmark_runs_the_ignn_configs(tmp_path, repo_root):
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = list(csv.DictReader(out.open()))
-    assert [r["estimator"] for r in rows] == ["implicit", "upg", "npg"]
+    assert [r["estimator"] for r in rows] == ["implicit", "upg", "npg", "implicit_rel"]
     assert float(rows[0]["backward_ratio_implicit_over_this"]) == 1.0
     assert all(float(r["project_share"]) > 0 and float(r["peak_mem_mb"]) > 0 for r in rows)
     assert "backward implicit/UPG" in proc.stdout
