@@ -9,7 +9,8 @@ holds the loop's keys, the ``task`` name and the task's ``model:`` and ``data:``
 The MLflow experiment is the study, the run is named by ``--name``.
 
 Each step logs (names from :mod:`pipeline.tracking`) the loss, the task's training
-metric, the learning rate, the forward solver's steps and residual at h*, and the
+metric, the learning rate, the forward solver's steps and residual at h* (relative, and
+in the solver's own stop norm; per layer for a stack of implicit layers), and the
 step's forward / backward / total time. After every ``diagnostics_every`` steps the
 diagnostics of :mod:`.diagnostics` run on the step's own state, before the optimizer
 step, on the gradient the optimizer then applies; they are timed on their own and
@@ -23,7 +24,8 @@ are written at each epoch end and every ``checkpoint_every`` steps, and a killed
 resumes mid-epoch in the same MLflow run, equal to an uninterrupted one. A concluded
 run removes its checkpoint. A divergent run (non-finite loss, a diverged forward solve,
 a forward residual past ``diverge_residual``, a loss past ``diverge_loss_factor`` times
-the mean loss of its first ``diverge_loss_window`` steps) stops; MLflow marks it FAILED
+the mean loss of its first ``diverge_loss_window`` steps, or, with ``diverge_capped_epochs``,
+a forward solve at its cap with a growing residual for that many epochs in a row) stops; MLflow marks it FAILED
 with the reason, ``metrics.json`` says ``"status": "failed"``, and the job still exits 0:
 a divergence is a result (the paper reports failing runs), which the workflow's
 ``onsuccess`` handler and the study's table name.
