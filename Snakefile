@@ -25,6 +25,7 @@ include: "workflow/rules/tracking.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/synthetic.smk"
 include: "workflow/rules/ablations.smk"
+include: "workflow/rules/graph.smk"
 include: "workflow/rules/report.smk"
 
 
@@ -36,6 +37,7 @@ rule figures:
     input:
         rules.plot_synthetic.output,
         rules.report_ablations.output,
+        rules.report_graph.output,
         rules.paper_vs_ours.output,
     localrule: True
     default_target: True

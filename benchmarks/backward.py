@@ -570,6 +570,9 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> list[dict]:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--config" in argv or any(a.startswith("--config=") for a in argv):
+        return _ignn(argv)
     args = parse_args(argv)
     rows = run(args)
     write_csv(rows, args.out_csv)
@@ -584,6 +587,21 @@ def main(argv=None) -> list[dict]:
         write_csv(diagnostics.run(diag, log), diag.csv, diagnostics.COLUMNS)
         print(f"wrote {diag.csv}")
     return rows
+
+
+def _ignn(argv) -> list[dict]:
+    """``--config ignn_graph|ignn_ppi``: IGNN's layers instead of MDEQ-Tiny's (benchmarks/ignn.py)."""
+    from benchmarks import ignn
+    p = argparse.ArgumentParser(description=ignn.__doc__.split("\n\n")[0])
+    p.add_argument("--config", required=True, choices=sorted(ignn.CONFIGS))
+    p.add_argument("--quick", action="store_true", help="smoke run: a few small graphs")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats (5)")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out-csv", type=Path, default=Path("results/benchmarks/backward.csv"),
+                   help="default: results/benchmarks/<config>.csv")
+    ignn.add_arguments(p)
+    return ignn.main(p.parse_args(argv))
 
 
 if __name__ == "__main__":

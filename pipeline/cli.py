@@ -32,6 +32,9 @@ COMMANDS = {
     "train": ("pipeline.experiments.train", "train one MDEQ-Tiny ablation"),
     "report-ablations": ("pipeline.figures.ablations", "ablation table and figures"),
     "report": ("pipeline.figures.report", "paper vs ours, deviations, run time per study"),
+    "train-repeats": ("pipeline.experiments.repeats",
+                      "train every fold or seed of one run in-process (IGNN)"),
+    "report-graph": ("pipeline.figures.graph", "IGNN tables and figures"),
 }
 
 

@@ -44,12 +44,10 @@ class TensorMemory(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        inputs = {id(t.untyped_storage()) for t in tree_flatten((args, kwargs))[0]
-                  if isinstance(t, Tensor)}
-        for t in tree_flatten(out)[0]:
-            if not isinstance(t, Tensor):
-                continue
-            st = t.untyped_storage()
+        inputs = {id(st) for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)
+                  for st in _storages(t)}
+        for st in (st for t in tree_flatten(out)[0] if isinstance(t, Tensor)
+                   for st in _storages(t)):
             key = id(st)
             if key in inputs:
                 continue  # a view of, or an in-place write to, an existing tensor
@@ -64,6 +62,16 @@ class TensorMemory(TorchDispatchMode):
         self.peak = max(self.peak, self.current)
         self.peak_since_mark = max(self.peak_since_mark, self.current)
         return out
+
+
+def _storages(t: Tensor) -> list:
+    """The storages behind a tensor: its own (strided), its indices' and values' (sparse
+    COO, which has no storage of its own); other layouts are not counted."""
+    if t.layout == torch.strided:
+        return [t.untyped_storage()]
+    if t.layout == torch.sparse_coo:
+        return [t._indices().untyped_storage(), t._values().untyped_storage()]
+    return []
 
 
 class PeakMemory:

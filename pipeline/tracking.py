@@ -41,6 +41,10 @@ TRAIN_LR = "train/lr"
 PRETRAINING = "train/pretraining"          # 1 on MDEQ's unrolled pretraining steps
 SOLVER_NSTEPS = "solver/nsteps"            # forward solver steps (summed over layers)
 SOLVER_REL_RESIDUAL = "solver/rel_residual"  # forward relative residual at h* (worst layer)
+SOLVER_STOP_RESIDUAL = "solver/stop_residual"  # forward residual in the solver's stop norm
+                                               # (rel, abs or inf: IGNN's max |change|)
+SOLVER_NSTEPS_LAYER = "solver/nsteps_layer{layer}"  # a stack of implicit layers: each one's
+SOLVER_STOP_RESIDUAL_LAYER = "solver/stop_residual_layer{layer}"  # steps and residual (1-based)
 TIME_FORWARD = "time/forward_s"            # training step: forward, loss included
 TIME_BACKWARD = "time/backward_s"          # training step: loss.backward()
 TIME_STEP = "time/step_s"                  # training step: forward + backward + optimizer
@@ -291,7 +295,7 @@ def start_run(uri: str, experiment: str, run_name: str, tags: Mapping[str, str],
         else:
             exp_id = exp.experiment_id
         tags = {"mlflow.runName": run_name, "git_commit": git_commit(), **tags}
-        if tags.get("scale"):  # under the study's parent for this scale
+        if tags.get("scale") and "mlflow.parentRunId" not in tags:  # under the study's parent
             tags["mlflow.parentRunId"] = parent_run(client, exp_id, experiment, tags["scale"])
         run_id = _retry(client.create_run, exp_id, tags={k: str(v) for k, v in tags.items()},
                         run_name=run_name).info.run_id
@@ -343,3 +347,63 @@ def main(args) -> int:
         Path(args.touch).write_text(json.dumps({"uri": args.uri, "experiments": ids,
                                                 "parents": parents}) + "\n")
     return 0
+
+
+# --- parent and child runs: one job that trains several folds or seeds ------------------------
+
+JOB_PARENT_ROLE = "parent"
+
+
+def job_parent_run(uri: str, experiment: str, run_name: str, tags: Mapping[str, str],
+                   params: Mapping, artifacts: str = "mlruns/artifacts",
+                   batch_size: int = MAX_BATCH) -> NullRun:
+    """Find the run of a job that trains several units (by its ``study``, ``scale`` and
+    ``run`` tags) or create it, under the study's parent for that scale; it is left RUNNING
+    (conclude it with :func:`finish_parent`). Its children are the job's folds or seeds,
+    each its own run tagged ``mlflow.parentRunId``: study (scale) > job > fold or seed."""
+    if uri == "none":
+        return NullRun()
+    client = _client(uri)
+    exp = client.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp else init_store(uri, artifacts, [experiment])[experiment]
+    query = " and ".join(f"tags.{k} = '{tags[k]}'" for k in ("study", "scale", "run")) + \
+        f" and tags.role = '{JOB_PARENT_ROLE}'"
+    found = _retry(client.search_runs, [exp_id], query, max_results=1)
+    if found:
+        run_id = found[0].info.run_id
+        _retry(client.update_run, run_id, status="RUNNING")
+    else:
+        all_tags = {"mlflow.runName": run_name, "git_commit": git_commit(),
+                    "role": JOB_PARENT_ROLE, **tags}
+        if tags.get("scale"):
+            all_tags["mlflow.parentRunId"] = parent_run(client, exp_id, experiment, tags["scale"])
+        run_id = _retry(client.create_run, exp_id, tags={k: str(v) for k, v in all_tags.items()},
+                        run_name=run_name).info.run_id
+    run = Run(client, run_id, batch_size)
+    run.set_tags({"git_commit": git_commit()})
+    run.log_params(params)
+    return run
+
+
+def child_runs(uri: str, parent: NullRun) -> dict[str, str]:
+    """{run name: run id} of the children of ``parent``."""
+    if uri == "none" or parent.run_id is None:
+        return {}
+    client = _client(uri)
+    exp_id = client.get_run(parent.run_id).info.experiment_id
+    runs = _retry(client.search_runs, [exp_id], f"tags.mlflow.parentRunId = '{parent.run_id}'")
+    return {r.info.run_name: r.info.run_id for r in runs}
+
+
+def delete_runs(uri: str, run_ids) -> None:
+    """Delete runs (a rerun job's stale children), so each fold or seed has one run."""
+    if uri == "none":
+        return
+    client = _client(uri)
+    for run_id in run_ids:
+        _retry(client.delete_run, run_id)
+
+
+def finish_parent(parent: NullRun, status: str = "FINISHED") -> None:
+    if parent.run_id is not None:
+        _retry(parent.client.set_terminated, parent.run_id, status)

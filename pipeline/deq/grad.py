@@ -67,7 +67,7 @@ class EstimatorConfig:
         b_solver: backward solver for ``implicit`` (``fixed_point``, ``anderson``, ``broyden``).
         b_max_iter: backward budget b_thres (MDEQ-Tiny: 24).
         b_tol: backward tolerance.
-        b_stop_mode: ``rel`` or ``abs``.
+        b_stop_mode: ``rel``, ``abs`` or ``inf`` (max |g_new - g|, IGNN's backward stop).
         b_restart: Krylov subspace size of a ``gmres`` backward.
     """
 
@@ -367,11 +367,14 @@ def _bptt(func: Func, h0: Tensor, solver: SolverConfig) -> tuple[Tensor, SolverS
         with torch.no_grad():
             abs_res = torch.linalg.vector_norm(fh - h).item()
             rel_res = abs_res / (torch.linalg.vector_norm(fh).item() + 1e-12)
+            inf_res = (fh - h).abs().max().item() if solver.stop_mode == "inf" else math.nan
         stats.abs_trace.append(abs_res)
         stats.rel_trace.append(rel_res)
         stats.nstep = stats.best_step = step
-        stats.abs_residual, stats.rel_residual = abs_res, rel_res
-        value = rel_res if solver.stop_mode == "rel" else abs_res
+        stats.abs_residual, stats.rel_residual, stats.inf_residual = abs_res, rel_res, inf_res
+        if solver.stop_mode == "inf":
+            stats.inf_trace.append(inf_res)
+        value = {"rel": rel_res, "abs": abs_res, "inf": inf_res}[solver.stop_mode]
         if not math.isfinite(value):
             stats.diverged, stats.reason = True, f"non-finite residual at step {step}"
             break

@@ -6,7 +6,10 @@ Every solver has one signature::
 
 ``f`` maps a tensor of any shape ``(B, ...)`` to one of the same shape. The
 residual is taken over the whole batch, as in MDEQ:
-``abs = ||F(x) - x||`` and ``rel = abs / ||F(x)||``.
+``abs = ||F(x) - x||`` and ``rel = abs / ||F(x)||`` (L2 norms). ``stop_mode="inf"`` stops
+on the largest absolute change instead, ``max |F(x) - x|``, as IGNN's fixed-point
+iteration does (SwiftieH/IGNN ``inn_pred``: ``torch.norm(X_new - X, np.inf) < tol``);
+the L2 traces are kept beside it.
 
 >>> import torch
 >>> W = 0.5 * torch.eye(3)
@@ -30,7 +33,7 @@ import torch
 Tensor = torch.Tensor
 StepCallback = Callable[[int, Tensor], None]
 
-STOP_MODES = ("abs", "rel")
+STOP_MODES = ("abs", "rel", "inf")
 
 
 @dataclass
@@ -46,6 +49,8 @@ class SolverStats:
         diverged: a NaN or Inf was met; ``reason`` says where.
         sample_rel_residual: per-sample relative residual of the returned iterate, for
             solvers that stop per sample (``gmres``); empty otherwise.
+        inf_trace / inf_residual: ``max |F(x) - x|`` of every iterate and of the returned
+            one, with ``stop_mode="inf"`` only (empty / NaN otherwise).
     """
 
     nstep: int = 0
@@ -58,6 +63,8 @@ class SolverStats:
     diverged: bool = False
     reason: str = ""
     sample_rel_residual: list[float] = field(default_factory=list)
+    inf_trace: list[float] = field(default_factory=list)
+    inf_residual: float = math.nan
 
 
 @dataclass(frozen=True)
@@ -69,7 +76,8 @@ class SolverConfig:
             for linear systems only, see :func:`gmres`).
         max_iter: cap on iterations (MDEQ's f_thres / b_thres).
         tol: residual tolerance.
-        stop_mode: ``rel`` (||F(h)-h|| / ||F(h)||) or ``abs``.
+        stop_mode: ``rel`` (||F(h)-h|| / ||F(h)||), ``abs`` (||F(h)-h||) or ``inf``
+            (max |F(h)-h|, IGNN's stop; not for ``gmres``).
         damping: fixed-point damping beta in h <- (1-beta) h + beta F(h); Anderson's beta.
         memory: Anderson's history size m.
         restart: GMRES's Krylov subspace size before a restart. Small values stall
@@ -94,6 +102,9 @@ class SolverConfig:
             raise ValueError(f"max_iter={self.max_iter} must be >= 0")
         if self.restart < 1:
             raise ValueError(f"restart={self.restart} must be >= 1")
+        if self.stop_mode == "inf" and self.name in LINEAR_SOLVERS:
+            raise ValueError(f"stop_mode='inf' is not available for {self.name!r}; use 'rel' "
+                             "or 'abs'")
 
 
 class _Tracker:
@@ -107,8 +118,10 @@ class _Tracker:
 
     def record(self, step: int, x: Tensor, fx: Tensor) -> bool:
         """Record iterate ``x`` with value ``fx = F(x)``; return True to stop."""
-        abs_res = torch.linalg.vector_norm(fx - x).item()
+        diff = fx - x
+        abs_res = torch.linalg.vector_norm(diff).item()
         rel_res = abs_res / (torch.linalg.vector_norm(fx).item() + 1e-12)
+        inf_res = diff.abs().max().item() if self.stop_mode == "inf" else math.nan
         if not (math.isfinite(abs_res) and math.isfinite(rel_res)):
             self.stats.diverged = True
             self.stats.reason = f"non-finite residual at step {step}"
@@ -117,11 +130,14 @@ class _Tracker:
         s.nstep = step
         s.abs_trace.append(abs_res)
         s.rel_trace.append(rel_res)
-        value = rel_res if self.stop_mode == "rel" else abs_res
+        if self.stop_mode == "inf":
+            s.inf_trace.append(inf_res)
+        value = {"rel": rel_res, "abs": abs_res, "inf": inf_res}[self.stop_mode]
         if value < self._best_value or self.best is None:
             self._best_value = value
             self.best = x.clone()
             s.best_step, s.abs_residual, s.rel_residual = step, abs_res, rel_res
+            s.inf_residual = inf_res
         if self.callback is not None:
             self.callback(step, x)
         if value <= self.tol:
@@ -259,6 +275,8 @@ def gmres(f, x0, max_iter, tol, stop_mode="rel", callback=None, restart=200, **_
     over all restarts. Meant for references, in float64: f must be affine, which is not
     checked.
     """
+    if stop_mode not in ("rel", "abs"):
+        raise ValueError(f"gmres: stop_mode={stop_mode!r}; expected 'rel' or 'abs'")
     bsz, shape = x0.shape[0], x0.shape
     n = x0[0].numel()
     m = max(1, min(restart, max_iter, n))

@@ -4,15 +4,16 @@ A task builds its model from a run's ``model:`` block, yields batches for
 (split, epoch, rank, world size), computes the loss and metrics of a batch, and
 evaluates a split; it names its primary metric. The loop (:mod:`.train`) knows
 nothing else of the study. Registered now: ``image`` (MDEQ on an image dataset in
-the npz layout of :mod:`pipeline.data.layout`). The language, graph and node issues add
-``lm``, ``graph`` and ``node``.
+the npz layout of :mod:`pipeline.data.layout`), ``graph`` and ``node`` (IGNN, in
+:mod:`.graph_tasks`). A task with a ``repeats(data, seed)`` static method (folds, seeds)
+is trained once per unit by ``python -m pipeline train-repeats`` (:mod:`.repeats`).
 
 >>> sorted(TASKS)
-['image']
+['graph', 'image', 'node']
 >>> get_task("text")
 Traceback (most recent call last):
 ...
-ValueError: unknown task 'text'; valid tasks: ['image']
+ValueError: unknown task 'text'; valid tasks: ['graph', 'image', 'node']
 """
 from __future__ import annotations
 
@@ -147,3 +148,6 @@ def load_images(data_dir: str | Path, device: str) -> dict:
         images, labels = out[split]
         out[split] = (((images - mean) / std).to(device), labels.to(device))
     return out
+
+
+from pipeline.experiments import graph_tasks as _graph_tasks  # noqa: E402,F401  (registers graph, node)

@@ -9,7 +9,8 @@ holds the loop's keys, the ``task`` name and the task's ``model:`` and ``data:``
 The MLflow experiment is the study, the run is named by ``--name``.
 
 Each step logs (names from :mod:`pipeline.tracking`) the loss, the task's training
-metric, the learning rate, the forward solver's steps and residual at h*, and the
+metric, the learning rate, the forward solver's steps and residual at h* (relative, and
+in the solver's own stop norm; per layer for a stack of implicit layers), and the
 step's forward / backward / total time. After every ``diagnostics_every`` steps the
 diagnostics of :mod:`.diagnostics` run on the step's own state, before the optimizer
 step, on the gradient the optimizer then applies; they are timed on their own and
@@ -23,7 +24,8 @@ are written at each epoch end and every ``checkpoint_every`` steps, and a killed
 resumes mid-epoch in the same MLflow run, equal to an uninterrupted one. A concluded
 run removes its checkpoint. A divergent run (non-finite loss, a diverged forward solve,
 a forward residual past ``diverge_residual``, a loss past ``diverge_loss_factor`` times
-the mean loss of its first ``diverge_loss_window`` steps) stops; MLflow marks it FAILED
+the mean loss of its first ``diverge_loss_window`` steps, or, with ``diverge_capped_epochs``,
+a forward solve at its cap with a growing residual for that many epochs in a row) stops; MLflow marks it FAILED
 with the reason, ``metrics.json`` says ``"status": "failed"``, and the job still exits 0:
 a divergence is a result (the paper reports failing runs), which the workflow's
 ``onsuccess`` handler and the study's table name.
@@ -77,9 +79,11 @@ class TrainConfig:
     f_solver: str = "broyden"
     f_max_iter: int = 22                     # MDEQ-Tiny F_THRES
     f_tol: float = 1e-3
+    f_stop_mode: str = "rel"                 # rel | abs | inf (IGNN: max |change|)
     b_solver: str = "broyden"
     b_max_iter: int = 24                     # MDEQ-Tiny B_THRES
     b_tol: float = 1e-3
+    b_stop_mode: str = "rel"
     estimator: str = "implicit"
     k: int = 5
     lam: float = 0.5
@@ -90,6 +94,8 @@ class TrainConfig:
     nesterov: bool = False
     weight_decay: float = 2.5e-6
     schedule: str = "cosine"
+    lr_decay_epochs: list = field(default_factory=list)  # schedule multistep: epochs after
+    lr_decay_factor: float = 0.5                          # which the lr is multiplied by this
     warmup_steps: int = 0                    # linear warm-up before the schedule
     grad_clip: float | None = None           # max gradient norm; None = no clipping
     checkpoint_every: int = 0                # steps; 0 = epoch ends only
@@ -98,11 +104,15 @@ class TrainConfig:
     reference_max_iter: int = 1000
     reference_restart: int = 400
     timing_repeats: int = 3
+    memory_every: int = 1                    # measure a step's tensor memory every N epochs
+                                             # (0: never); the CPU counter slows that step
     power_iters: int = 40
     power_tol: float = 1e-3
     diverge_residual: float = 1e3
     diverge_loss_factor: float | None = 20.0  # loss > factor x early loss: divergence
     diverge_loss_window: int = 10            # early loss: mean of the first N steps
+    diverge_capped_epochs: int | None = None  # forward solve at its cap, residual growing,
+                                              # for N epochs in a row: divergence (None: off)
 
     @classmethod
     def from_params(cls, params: dict) -> "TrainConfig":
@@ -116,19 +126,20 @@ class TrainConfig:
 
     @property
     def forward_solver(self) -> SolverConfig:
-        return SolverConfig(self.f_solver, self.f_max_iter, self.f_tol)
+        return SolverConfig(self.f_solver, self.f_max_iter, self.f_tol, self.f_stop_mode)
 
     @property
     def estimator_config(self) -> EstimatorConfig:
         return EstimatorConfig(self.estimator, self.k, self.lam, self.b_solver, self.b_max_iter,
-                               self.b_tol)
+                               self.b_tol, self.b_stop_mode)
 
     @property
     def diagnostics_config(self) -> DiagnosticsConfig:
         return DiagnosticsConfig(
             forward_solver=self.forward_solver, estimator=self.estimator_config,
             implicit=EstimatorConfig("implicit", b_solver=self.b_solver,
-                                     b_max_iter=self.b_max_iter, b_tol=self.b_tol),
+                                     b_max_iter=self.b_max_iter, b_tol=self.b_tol,
+                                     b_stop_mode=self.b_stop_mode),
             reference=EstimatorConfig("implicit", b_solver="gmres",
                                       b_max_iter=self.reference_max_iter,
                                       b_tol=self.reference_tol, b_restart=self.reference_restart),
@@ -149,14 +160,21 @@ def make_optimizer(cfg: TrainConfig, model) -> torch.optim.Optimizer:
     raise ValueError(f"optimizer {cfg.optimizer!r}; valid: ['adam', 'sgd']")
 
 
-def make_scheduler(cfg: TrainConfig, opt, total_steps: int):
+SCHEDULES = ("cosine", "constant", "multistep")
+
+
+def make_scheduler(cfg: TrainConfig, opt, total_steps: int, steps_per_epoch: int = 1):
     after = max(1, total_steps - cfg.warmup_steps)
     if cfg.schedule == "cosine":  # MDEQ: cosine annealing over all iterations
         main = torch.optim.lr_scheduler.CosineAnnealingLR(opt, after, eta_min=1e-6)
     elif cfg.schedule == "constant":
         main = torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0)
+    elif cfg.schedule == "multistep":  # IGNN: lr halved once 50 epochs are done (epoch 51)
+        main = torch.optim.lr_scheduler.MultiStepLR(
+            opt, [e * steps_per_epoch - cfg.warmup_steps for e in cfg.lr_decay_epochs],
+            gamma=cfg.lr_decay_factor)
     else:
-        raise ValueError(f"schedule {cfg.schedule!r}; valid: ['cosine', 'constant']")
+        raise ValueError(f"schedule {cfg.schedule!r}; valid: {list(SCHEDULES)}")
     if not cfg.warmup_steps:
         return main
     warm = torch.optim.lr_scheduler.LinearLR(opt, start_factor=1.0 / cfg.warmup_steps,
@@ -171,6 +189,51 @@ def _layer_stats(layers) -> tuple[float, float, bool, str]:
     diverged = [r.stats for r in layers if r.stats.diverged]
     return (float(sum(r.stats.nstep for r in layers)), max(r.stats.rel_residual for r in layers),
             bool(diverged), diverged[0].reason if diverged else "")
+
+
+def stop_residual(stats, stop_mode: str) -> float:
+    """A solve's residual in its own stop norm (rel, abs or inf)."""
+    return {"rel": stats.rel_residual, "abs": stats.abs_residual,
+            "inf": stats.inf_residual}[stop_mode]
+
+
+def _layer_rows(layers, stop_mode: str) -> dict[str, float]:
+    """The forward solve's residual in its stop norm (worst layer), whether every layer
+    converged, and, for a stack of implicit layers, each layer's steps and residual."""
+    if not layers:
+        return {}
+    residuals = [stop_residual(r.stats, stop_mode) for r in layers]
+    row = {M.SOLVER_STOP_RESIDUAL: max(residuals),
+           M.FORWARD_CONVERGED: float(all(r.stats.converged for r in layers))}
+    if len(layers) > 1:
+        for i, (record, residual) in enumerate(zip(layers, residuals), start=1):
+            row[M.SOLVER_NSTEPS_LAYER.format(layer=i)] = float(record.stats.nstep)
+            row[M.SOLVER_STOP_RESIDUAL_LAYER.format(layer=i)] = residual
+    return row
+
+
+def _check_capped(cfg: TrainConfig, state: dict, steps_per_epoch: int) -> None:
+    """The collapse rule of a long run: the forward solve at its cap on every step of an
+    epoch, with an epoch-mean residual above the epoch before, for ``diverge_capped_epochs``
+    epochs in a row, is a divergence (the official PPI runs that "collapse")."""
+    if not cfg.diverge_capped_epochs:
+        return
+    epoch = state["epoch"] - 1
+    rows = [r for r in state["curves"] if r["step"] // steps_per_epoch == epoch
+            and not r[M.PRETRAINING] and M.FORWARD_CONVERGED in r]
+    if not rows:
+        return
+    residual = sum(r[M.SOLVER_STOP_RESIDUAL] for r in rows) / len(rows)
+    previous = state.get("capped_residual")
+    capped = all(r[M.FORWARD_CONVERGED] == 0.0 for r in rows)
+    growing = previous is not None and residual > previous
+    state["capped_epochs"] = state.get("capped_epochs", 0) + 1 if capped and growing else 0
+    state["capped_residual"] = residual
+    if state["capped_epochs"] >= cfg.diverge_capped_epochs:
+        raise Divergence(f"forward solve at its cap of {cfg.f_max_iter} steps with a growing "
+                         f"residual for {state['capped_epochs']} epochs (epoch mean "
+                         f"{cfg.f_stop_mode} residual {previous:.3g} -> {residual:.3g}) at "
+                         f"epoch {epoch + 1}")
 
 
 # --- checkpoints -----------------------------------------------------------------------------
@@ -220,7 +283,7 @@ def train(cfg: TrainConfig, task, tracker, checkpoint: Path | None = None, log=p
     total_steps = cfg.epochs * steps_per_epoch
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
-    sched = make_scheduler(cfg, opt, total_steps)
+    sched = make_scheduler(cfg, opt, total_steps, steps_per_epoch)
     state = {"epoch": 0, "step": 0, "step_in_epoch": 0, "best": None, "best_step": 0,
              "best_epoch": 0, "history": [], "curves": [], "memory_epoch": -1,
              "logged_rows": 0, "logged_evals": 0}
@@ -290,6 +353,7 @@ def train(cfg: TrainConfig, task, tracker, checkpoint: Path | None = None, log=p
                     save()
             state["epoch"], state["step_in_epoch"] = epoch + 1, 0
             evaluate(epoch_s)
+            _check_capped(cfg, state, steps_per_epoch)
             last = state["curves"][-1][M.TRAIN_LOSS] if state["curves"] else float("nan")
             log(f"epoch {epoch + 1}/{cfg.epochs}: {metric} {state['history'][-1][metric]:.4f} "
                 f"(best {state['best']:.4f}), loss {last:.4f}, {epoch_s:.1f}s")
@@ -314,7 +378,9 @@ def _step(cfg: TrainConfig, task, model, opt, sched, batch, state: dict,
     # costs the most and tells the least)
     diagnose_now = bool(cfg.diagnostics_every) and (step + 1) % cfg.diagnostics_every == 0 \
         and not pretraining
-    measure = not pretraining and state["memory_epoch"] != state["epoch"]
+    measure = (not pretraining and bool(cfg.memory_every)
+               and state["epoch"] % cfg.memory_every == 0
+               and state["memory_epoch"] != state["epoch"])
     if measure:
         state["memory_epoch"] = state["epoch"]
     rng = rng_state(cfg.device) if diagnose_now else None
@@ -346,7 +412,7 @@ def _step(cfg: TrainConfig, task, model, opt, sched, batch, state: dict,
         t2 = clock(cfg.device)
     row = {M.TRAIN_LOSS: value, **{M.train_metric(k): v for k, v in metrics.items()},
            M.PRETRAINING: float(pretraining), M.SOLVER_NSTEPS: nsteps,
-           M.SOLVER_REL_RESIDUAL: residual}
+           M.SOLVER_REL_RESIDUAL: residual, **_layer_rows(layers, cfg.f_stop_mode)}
     if diagnose_now:
         d0 = time.perf_counter()
         row.update(diagnose(model, task.loss, batch, layers, rng, diag_cfg, step))

@@ -39,7 +39,7 @@ STUDIES = {
     "vision": {"rules": ["train_vision", "report_vision", "export_digits_imagefolder"],
                "budget_s": 180},
     "lm": {"rules": ["train_lm", "report_lm"], "budget_s": 180},
-    "graph": {"rules": ["train_graph", "report_graph"], "budget_s": 180},
+    "graph": {"rules": ["train_graph", "train_node", "report_graph"], "budget_s": 180},
     "report": {"rules": ["paper_vs_ours"], "budget_s": 30},
 }
 OPS = {">": operator.gt, "<": operator.lt, ">=": operator.ge, "<=": operator.le,
@@ -110,7 +110,9 @@ def read_ours(spec: dict, root: Path) -> dict:
             "dataset": ",".join(sorted({str(m.get("dataset", "?")) for m in metas})),
             "failed": [m.get("name", str(f)) for m, f in zip(metas, files)
                        if m.get("status") == "failed"],
-            "run_ids": sorted({m["mlflow_run_id"] for m in metas if m.get("mlflow_run_id")}),
+            "run_ids": sorted({m.get("mlflow_run_id") or m.get("mlflow_parent_run_id")
+                               for m in metas
+                               if m.get("mlflow_run_id") or m.get("mlflow_parent_run_id")}),
             "commits": sorted({m["git_commit"] for m in metas if m.get("git_commit")})}
 
 

@@ -36,6 +36,19 @@ def tracking_args():
             f" --tracking-batch-size {TRACKING['batch_size']}")
 
 
+TU_NAMES = {"cox2": "COX2", "proteins": "PROTEINS"}
+
+
+def tu_param(wildcards, key):
+    """data.tu's URL pattern, mirror, local archive or sha256 for one TU dataset."""
+    tu, name = PARAMS["data"]["tu"], TU_NAMES[wildcards.tu]
+    if key == "sha256":
+        return tu["sha256"][name] or ""
+    if key == "archive":
+        return f"{tu['archive']}/{name}.zip" if tu["archive"] else ""
+    return tu[key].replace("{name}", name) if tu[key] else ""
+
+
 def download_limits():
     """params.yaml's data.download as the flags of `python -m pipeline data ...`."""
     d = PARAMS["data"]["download"]
@@ -53,10 +66,16 @@ def job_tags(rule, **wildcards):
     return as_json({"rule": rule, "wildcards": ",".join(f"{k}={v}" for k, v in wildcards.items())})
 
 
+GRAPH_DATASETS = ("mutag", "chains", "cox2", "proteins", "ppi")  # pipeline/data/graphs.py layout
+
+
 def dataset_files(name):
-    """The three files of data/<name>, ancient(): a `dvc pull` alone must not rerun consumers."""
+    """The files of data/<name>, ancient(): a `dvc pull` alone must not rerun consumers.
+    Image datasets: train.npz, test.npz, meta.json; graph datasets: graphs.npz, meta.json."""
     root = PARAMS["data"]["root"]
-    return [ancient(f"{root}/{name}/{f}") for f in ("train.npz", "test.npz", "meta.json")]
+    files = ("graphs.npz", "meta.json") if name in GRAPH_DATASETS else \
+        ("train.npz", "test.npz", "meta.json")
+    return [ancient(f"{root}/{name}/{f}") for f in files]
 
 
 # --- training studies: one job per entry of <study>.runs, all through `python -m pipeline train`
@@ -101,12 +120,15 @@ def train_gpu(study):
     return lambda wc: int(run_config(study, wc.run)["device"].startswith("cuda"))
 
 
-TRAIN_SHELL = (
-    "python -m pipeline train --study {params.study} --name {wildcards.run}"
+TRAIN_ARGS = (
+    "--study {params.study} --name {wildcards.run}"
     " --params {params.run:q} --data {params.data_dir:q} --out {params.out:q}"
     " --checkpoints checkpoints --scale {params.scale} {params.tracking}"
     " --tags {params.tags:q} --threads {threads} > {log} 2>&1"
 )
+TRAIN_SHELL = " ".join(["python -m pipeline train", TRAIN_ARGS])
+# The same flags for a run whose folds or seeds are trained in one job (IGNN's studies).
+REPEATS_SHELL = " ".join(["python -m pipeline train-repeats", TRAIN_ARGS])
 
 
 def report_failed_runs():
@@ -121,6 +143,8 @@ def report_failed_runs():
                     metrics = json.load(handle)
                 if metrics.get("status") == "failed":
                     failed.append(f"  {study}/{name}: {metrics.get('reason', '')}")
+                for unit in metrics.get("failed", []) if metrics.get("status") != "failed" else []:
+                    failed.append(f"  {study}/{name}/{unit['unit']}: {unit['reason']}")
     if failed:
         print(f"{len(failed)} run(s) FAILED (diverged; recorded, not a crash: see the tables"
               " and MLflow):\n" + "\n".join(failed), file=sys.stderr)

@@ -71,3 +71,89 @@ rule validate_imagenet:
     shell:
         "python -m pipeline data imagenet --root={params.root:q}"
         " --manifest {output.manifest:q} > {log} 2>&1"
+
+
+# --- graph datasets (pipeline/data/graphs.py): data/<name>/{graphs.npz, meta.json} ----------
+
+rule export_mutag:
+    output:
+        graphs=f"{DATA_ROOT}/mutag/graphs.npz",
+        meta=f"{DATA_ROOT}/mutag/meta.json",
+    params:
+        out=subpath(output.meta, parent=True),
+    log:
+        "logs/export_mutag.log",
+    benchmark:
+        "benchmarks/rules/export_mutag.tsv"
+    conda:
+        "../../envs/pipeline.yaml"
+    shell:
+        "python -m pipeline data mutag --out {params.out:q} > {log} 2>&1"
+
+
+rule export_chains:
+    output:
+        graphs=f"{DATA_ROOT}/chains/graphs.npz",
+        meta=f"{DATA_ROOT}/chains/meta.json",
+    params:
+        out=subpath(output.meta, parent=True),
+        seed=PARAMS["data"]["chains"]["seed"],
+    log:
+        "logs/export_chains.log",
+    benchmark:
+        "benchmarks/rules/export_chains.tsv"
+    conda:
+        "../../envs/pipeline.yaml"
+    shell:
+        "python -m pipeline data chains --out {params.out:q} --seed {params.seed} > {log} 2>&1"
+
+
+rule download_tu:
+    output:
+        graphs=f"{DATA_ROOT}/{{tu}}/graphs.npz",
+        meta=f"{DATA_ROOT}/{{tu}}/meta.json",
+    params:
+        out=subpath(output.meta, parent=True),
+        name=lambda wc: TU_NAMES[wc.tu],
+        url=lambda wc: tu_param(wc, "url"),
+        mirror=lambda wc: tu_param(wc, "mirror"),
+        archive=lambda wc: tu_param(wc, "archive"),
+        sha256=lambda wc: tu_param(wc, "sha256"),
+        limits=download_limits(),
+    wildcard_constraints:
+        tu="|".join(TU_NAMES),
+    log:
+        "logs/download_tu/{tu}.log",
+    benchmark:
+        "benchmarks/rules/download_tu/{tu}.tsv"
+    conda:
+        "../../envs/pipeline.yaml"
+    localrule: True
+    shell:
+        "python -m pipeline data tu --name {params.name} --out {params.out:q} --url {params.url:q}"
+        " --mirror={params.mirror:q} --archive={params.archive:q} --sha256={params.sha256:q}"
+        " {params.limits} > {log} 2>&1"
+
+
+rule download_ppi:
+    output:
+        graphs=f"{DATA_ROOT}/ppi/graphs.npz",
+        meta=f"{DATA_ROOT}/ppi/meta.json",
+    params:
+        out=subpath(output.meta, parent=True),
+        url=PARAMS["data"]["ppi"]["url"],
+        mirror=PARAMS["data"]["ppi"]["mirror"] or "",
+        archive=PARAMS["data"]["ppi"]["archive"] or "",
+        sha256=PARAMS["data"]["ppi"]["sha256"] or "",
+        limits=download_limits(),
+    log:
+        "logs/download_ppi.log",
+    benchmark:
+        "benchmarks/rules/download_ppi.tsv"
+    conda:
+        "../../envs/pipeline.yaml"
+    localrule: True
+    shell:
+        "python -m pipeline data ppi --out {params.out:q} --url {params.url:q}"
+        " --mirror={params.mirror:q} --archive={params.archive:q} --sha256={params.sha256:q}"
+        " {params.limits} > {log} 2>&1"

@@ -9,6 +9,7 @@ rule paper_vs_ours:
     input:
         synthetic=rules.plot_synthetic.output,
         ablations=rules.report_ablations.output,
+        graph=rules.report_graph.output,
         reference=REFERENCE,
     output:
         table_csv="figures/report/paper_vs_ours.csv",
