@@ -604,8 +604,11 @@ def test_plot_synthetic(cli_results, venv_bin, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     expected = {f"synthetic_cosine.{e}" for e in ("png", "pdf")} | \
         {f"synthetic_solver_dynamics.{e}" for e in ("png", "pdf")} | \
-        {"synthetic_summary.csv", "synthetic_summary.md"}
+        {"synthetic_summary.csv", "synthetic_summary.md", "synthetic_caption.rst",
+         "synthetic_metrics.json"}
     assert {p.name for p in out.iterdir()} == expected, "missing output or temp file left"
+    caption = (out / "synthetic_caption.rst").read_text()
+    assert "**Scale:** default" in caption and "**Commit:**" in caption
     for name in expected:
         assert (out / name).stat().st_size > 0
     assert (out / "synthetic_cosine.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
