@@ -150,6 +150,7 @@ def test_capped_forward_with_a_growing_residual_for_E_epochs_is_a_divergence():
     ("graph.defaults.f_stop_mode", "max", "graph.defaults.f_stop_mode"),
     ("graph.defaults.model.kappa", 1.0, "graph.defaults.model.kappa"),
     ("data.tu.sha256.COX2", "abc", "data.tu.sha256.COX2"),
+    ("node.runs.chains_upg.pretrain_steps", 5, "node.runs.chains_upg.pretrain_steps: 0 was expected"),
 ])
 def test_bad_graph_params_are_named_before_any_job(raw, where, value, fragment):
     params = copy.deepcopy(raw)

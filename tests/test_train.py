@@ -412,7 +412,7 @@ def test_tracked_run_has_curves_tags_and_params(digits, tmp_path):
 def test_one_epoch_on_cifar_format_data(tmp_path):
     """The CIFAR code path: the test archive in the true format, exported by the real rule's
     code, then one (short) epoch of training at 32x32x3."""
-    from test_data_download import make_cifar_archive, md5
+    from conftest import make_cifar_archive, md5
 
     from pipeline.data.cifar10 import prepare_cifar10
     archive = tmp_path / "cifar-10-python.tar.gz"
