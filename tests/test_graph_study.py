@@ -133,14 +133,14 @@ def test_capped_forward_with_a_growing_residual_for_E_epochs_is_a_divergence():
         _check_capped(cfg, state, steps_per_epoch=2)
 
     state = {"curves": []}
-    epoch(state, 0, 1e-3)
-    epoch(state, 1, 2e-3)             # capped and growing: 1 epoch
-    epoch(state, 2, 1e-3)             # shrinking: the count restarts
-    epoch(state, 3, 5e-3, 1.0)        # converged: no count
-    epoch(state, 4, 6e-3)             # 1
-    with pytest.raises(Divergence, match="at its cap of 300 steps with a growing residual for 2 "
-                                         "epochs .* at epoch 6"):
-        epoch(state, 5, 7e-3)         # 2: collapse
+    for e, residual in enumerate([1e-5, 2e-5, 0.9e-5, 1.1e-5, 1e-5, 1.2e-5]):
+        epoch(state, e, residual)     # capped, hovering: never a collapse
+    epoch(state, 6, 1e-3, 1.0)        # converged: the streak restarts
+    epoch(state, 7, 1e-4)
+    epoch(state, 8, 5e-4)
+    with pytest.raises(Divergence, match="at its cap of 300 steps for 3 epochs with its inf "
+                                         "residual grown 20x .* at epoch 10"):
+        epoch(state, 9, 2e-3)         # 3 capped epochs, 1e-4 -> 2e-3
 
 
 @pytest.mark.parametrize("where, value, fragment", [
@@ -150,6 +150,7 @@ def test_capped_forward_with_a_growing_residual_for_E_epochs_is_a_divergence():
     ("graph.defaults.f_stop_mode", "max", "graph.defaults.f_stop_mode"),
     ("graph.defaults.model.kappa", 1.0, "graph.defaults.model.kappa"),
     ("data.tu.sha256.COX2", "abc", "data.tu.sha256.COX2"),
+    ("node.runs.chains_upg.pretrain_steps", 5, "node.runs.chains_upg.pretrain_steps: 0 was expected"),
 ])
 def test_bad_graph_params_are_named_before_any_job(raw, where, value, fragment):
     params = copy.deepcopy(raw)
