@@ -477,6 +477,12 @@ def plot(rows: list[dict], stem: Path) -> list[Path]:
              f"repeats; load average {r0['load_avg']:.1f} during the run; "
              f"{_dt.date.today().isoformat()}", ha="center", fontsize=7)
     fig.tight_layout(rect=(0, 0.04, 1, 0.95))
+    return save_figure(fig, stem)
+
+
+def save_figure(fig, stem: Path) -> list[Path]:
+    """``stem``.png and ``stem``.pdf (150 dpi), then close the figure: every benchmark's."""
+    import matplotlib.pyplot as plt
     stem.parent.mkdir(parents=True, exist_ok=True)
     paths = [stem.with_suffix(".png"), stem.with_suffix(".pdf")]
     for p in paths:

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.backward import _load, machine, write_csv
+from benchmarks.backward import _load, machine, save_figure, write_csv
 from pipeline.deq import PHANTOMS
 from pipeline.experiments import synthetic as S
 
@@ -198,12 +198,7 @@ def plot(rows: list[dict], stem: Path) -> list[Path]:
              f"device {r0['device']}, torch {r0['torch']}; median of {r0['repeats']}; load "
              f"average {r0['load_avg']:.1f}; {r0['date']}", ha="center", fontsize=7)
     fig.tight_layout(rect=(0, 0.05, 1, 0.94))
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    paths = [stem.with_suffix(".png"), stem.with_suffix(".pdf")]
-    for p in paths:
-        fig.savefig(p, dpi=150)
-    plt.close(fig)
-    return paths
+    return save_figure(fig, stem)
 
 
 def parse_args(argv=None):

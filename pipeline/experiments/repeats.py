@@ -170,18 +170,11 @@ def add_arguments(parser) -> None:
 
 def main(args) -> int:
     import pandas as pd
-    import torch
 
+    from pipeline.experiments.train import config_from_args
     from pipeline.io import prune_empty_dirs, write_csv, write_json
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    params = json.loads(args.params)
-    cfg = TrainConfig.from_params(params)
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"{args.study} run {args.name}: device={cfg.device!r} but no CUDA "
-                         "device is visible; run the paper scale on a GPU node (profiles/slurm) "
-                         f"or set {args.study}.defaults.device: cpu")
+    params, cfg = config_from_args(args)
     checkpoints = Path(args.checkpoints)
     try:
         summary, results, folder = run_units(

@@ -532,13 +532,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--threads", type=int, default=0)
 
 
-def main(args) -> int:
-    from pipeline import tracking
-    from pipeline.config import params_hash
-    from pipeline.io import prune_empty_dirs, write_csv, write_json
-
-    import pandas as pd
-
+def config_from_args(args) -> tuple[dict, TrainConfig]:
+    """(the run's params, its TrainConfig) from the CLI arguments; sets the thread count and
+    refuses a CUDA device where none is visible. Shared by ``train`` and ``train-repeats``."""
     if args.threads:
         torch.set_num_threads(args.threads)
     params = json.loads(args.params)
@@ -547,6 +543,17 @@ def main(args) -> int:
         raise SystemExit(f"{args.study} run {args.name}: device={cfg.device!r} but no CUDA "
                          "device is visible; run the paper scale on a GPU node (profiles/slurm) "
                          f"or set {args.study}.defaults.device: cpu")
+    return params, cfg
+
+
+def main(args) -> int:
+    from pipeline import tracking
+    from pipeline.config import params_hash
+    from pipeline.io import prune_empty_dirs, write_csv, write_json
+
+    import pandas as pd
+
+    params, cfg = config_from_args(args)
     phash = params_hash(params)
     checkpoint = Path(args.checkpoints) / args.study / args.name / phash / "last.pt"
     resume = load_checkpoint(checkpoint) if checkpoint.exists() else None

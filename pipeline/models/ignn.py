@@ -39,7 +39,6 @@ Presets (``PRESETS``) are the official architectures:
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -48,6 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.deq import EstimatorConfig, SolverConfig, SolverStats, implicit_layer
+from pipeline.models.presets import from_preset
 
 Tensor = torch.Tensor
 
@@ -100,17 +100,8 @@ class IGNNConfig:
     def from_params(cls, params: dict, **data_fields) -> "IGNNConfig":
         """A run's ``model:`` block: ``preset`` plus overrides; ``data_fields``
         (in_features, num_classes, readout) come from the dataset and the task."""
-        params = dict(params)
-        preset = params.pop("preset", "graph")
-        if preset not in PRESETS:
-            raise ValueError(f"model preset {preset!r}; valid presets: {sorted(PRESETS)}")
-        names = {f.name for f in dataclasses.fields(cls)} - set(DATA_FIELDS)
-        unknown = sorted(set(params) - names)
-        if unknown:
-            raise ValueError(f"unknown IGNN model keys {unknown}; valid keys: "
-                             f"{sorted(names | {'preset'})} ({', '.join(DATA_FIELDS)} come "
-                             "from the dataset and the task)")
-        return cls(**{**PRESETS[preset], **params, **data_fields})
+        return from_preset(cls, params, PRESETS, "graph", data_fields, DATA_FIELDS, "IGNN",
+                           "the dataset and the task")
 
 
 DATA_FIELDS = ("in_features", "num_classes", "readout")

@@ -41,7 +41,6 @@ Training modes (chosen by the caller through :class:`~pipeline.deq.EstimatorConf
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -52,6 +51,7 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import weight_norm
 
 from pipeline.deq import EstimatorConfig, SolverConfig, SolverStats, implicit_layer
+from pipeline.models.presets import from_preset
 
 Tensor = torch.Tensor
 Shape = tuple[int, int, int]
@@ -138,17 +138,8 @@ class MDEQConfig:
         ``data_fields`` (in_channels, num_classes, image_size) come from the dataset and
         may not be set in the block. Unknown keys and presets are refused, naming them.
         """
-        params = dict(params)
-        preset = params.pop("preset", "tiny")
-        if preset not in PRESETS:
-            raise ValueError(f"model preset {preset!r}; valid presets: {sorted(PRESETS)}")
-        names = {f.name for f in dataclasses.fields(cls)} - set(DATA_FIELDS)
-        unknown = sorted(set(params) - names)
-        if unknown:
-            raise ValueError(f"unknown MDEQ model keys {unknown}; valid keys: "
-                             f"{sorted(names | {'preset'})} ({', '.join(DATA_FIELDS)} come "
-                             "from the dataset)")
-        return cls(**{**PRESETS[preset], **params, **data_fields})
+        return from_preset(cls, params, PRESETS, "tiny", data_fields, DATA_FIELDS, "MDEQ",
+                           "the dataset")
 
     def state_shapes(self, image_size: Optional[int] = None) -> list[Shape]:
         """(C, H, W) of each branch of the equilibrium state for a square input."""
