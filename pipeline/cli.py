@@ -2,9 +2,9 @@
 
 Each command lives in a module with ``add_arguments(parser)`` and ``main(args)``;
 only the chosen module is imported. SIGTERM (``scancel``, ``kill``, Snakemake ending
-a job) raises :class:`Terminated`, as SIGINT raises KeyboardInterrupt, so a killed
-command cleans up as after any other failure: temporary files go, the MLflow run is
-marked FAILED, the last checkpoint stays for the resume.
+a job) raises :class:`~pipeline.signals.Terminated`, as SIGINT raises KeyboardInterrupt,
+so a killed command cleans up as after any other failure: temporary files go, the MLflow
+run is marked FAILED, the last checkpoint stays for the resume (``pipeline.signals``).
 """
 from __future__ import annotations
 
@@ -13,15 +13,7 @@ import importlib
 import signal
 import sys
 
-
-class Terminated(BaseException):
-    """The process got SIGTERM. A BaseException, like KeyboardInterrupt, so that no
-    ``except Exception`` swallows it."""
-
-
-def _terminate(signum, _frame):
-    signal.signal(signum, signal.SIG_DFL)  # a second SIGTERM ends the process at once
-    raise Terminated(f"stopped by {signal.Signals(signum).name}")
+from pipeline import signals
 
 COMMANDS = {
     "validate": ("pipeline.config", "validate params.yaml against the schema"),
@@ -58,9 +50,9 @@ def main(argv: list[str] | None = None) -> int:
                                      description=COMMANDS[name][1])
     module.add_arguments(parser)
     args = parser.parse_args(argv[1:])
-    signal.signal(signal.SIGTERM, _terminate)
+    signals.install()
     try:
         return int(module.main(args) or 0)
-    except Terminated as err:
+    except signals.Terminated as err:
         print(f"{name}: {err}", file=sys.stderr)
         return 128 + signal.SIGTERM

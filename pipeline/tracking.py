@@ -29,6 +29,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
+from pipeline.signals import uninterrupted
+
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
 
@@ -140,10 +142,13 @@ def _client(uri: str):
 
 
 def _retry(fn, *args, attempts: int = 8, **kwargs):
-    """SQLite allows one writer; a concurrent job may find the database locked for a moment."""
+    """Every MLflow store call goes through here. SQLite allows one writer, so a concurrent
+    job may find the database locked for a moment: retry. A SIGTERM or SIGINT waits until
+    the call returns, so no transaction is left open holding the lock (``signals``)."""
     for attempt in range(attempts):
         try:
-            return fn(*args, **kwargs)
+            with uninterrupted():
+                return fn(*args, **kwargs)
         except Exception as err:  # mlflow wraps sqlite's OperationalError in its own types
             if "locked" not in str(err).lower() or attempt == attempts - 1:
                 raise
@@ -169,10 +174,10 @@ def init_store(uri: str, artifacts: str, experiments: Sequence[str],
     client = _client(uri)
     ids = {}
     for name in experiments:
-        exp = client.get_experiment_by_name(name)
-        ids[name] = exp.experiment_id if exp else client.create_experiment(
-            name, artifact_location=_artifact_location(artifacts, name))
-        client.set_experiment_tag(ids[name], *EXPERIMENT_KIND)
+        exp = _retry(client.get_experiment_by_name, name)
+        ids[name] = exp.experiment_id if exp else _retry(
+            client.create_experiment, name, artifact_location=_artifact_location(artifacts, name))
+        _retry(client.set_experiment_tag, ids[name], *EXPERIMENT_KIND)
         if scale:
             parent_run(client, ids[name], name, scale)
     return ids
@@ -234,7 +239,7 @@ class Run(NullRun):
     def log_params(self, params: Mapping) -> None:
         from mlflow.entities import Param
         flat = [Param(k, v[:6000]) for k, v in flatten(params).items()]
-        existing = self.client.get_run(self.run_id).data.params
+        existing = _retry(self.client.get_run, self.run_id).data.params
         flat = [p for p in flat if p.key not in existing]  # a resumed run keeps its params
         for i in range(0, len(flat), 100):
             _retry(self.client.log_batch, self.run_id, params=flat[i:i + 100])
@@ -289,7 +294,7 @@ def start_run(uri: str, experiment: str, run_name: str, tags: Mapping[str, str],
         return
     client = _client(uri)
     if run_id is None:
-        exp = client.get_experiment_by_name(experiment)
+        exp = _retry(client.get_experiment_by_name, experiment)
         if exp is None:
             exp_id = init_store(uri, artifacts, [experiment])[experiment]
         else:
@@ -301,7 +306,7 @@ def start_run(uri: str, experiment: str, run_name: str, tags: Mapping[str, str],
                         run_name=run_name).info.run_id
     else:
         _retry(client.update_run, run_id, status="RUNNING")
-        if "failure_reason" in client.get_run(run_id).data.tags:  # an earlier, killed attempt's
+        if "failure_reason" in _retry(client.get_run, run_id).data.tags:  # an earlier, killed attempt's
             _retry(client.delete_tag, run_id, "failure_reason")
     run = Run(client, run_id, batch_size)
     run.log_params(params)
@@ -364,7 +369,7 @@ def job_parent_run(uri: str, experiment: str, run_name: str, tags: Mapping[str, 
     if uri == "none":
         return NullRun()
     client = _client(uri)
-    exp = client.get_experiment_by_name(experiment)
+    exp = _retry(client.get_experiment_by_name, experiment)
     exp_id = exp.experiment_id if exp else init_store(uri, artifacts, [experiment])[experiment]
     query = " and ".join(f"tags.{k} = '{tags[k]}'" for k in ("study", "scale", "run")) + \
         f" and tags.role = '{JOB_PARENT_ROLE}'"
@@ -390,7 +395,7 @@ def child_runs(uri: str, parent: NullRun) -> dict[str, str]:
     if uri == "none" or parent.run_id is None:
         return {}
     client = _client(uri)
-    exp_id = client.get_run(parent.run_id).info.experiment_id
+    exp_id = _retry(client.get_run, parent.run_id).info.experiment_id
     runs = _retry(client.search_runs, [exp_id], f"tags.mlflow.parentRunId = '{parent.run_id}'")
     return {r.info.run_name: r.info.run_id for r in runs}
 

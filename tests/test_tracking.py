@@ -139,6 +139,38 @@ def test_exception_marks_run_failed(store):
     assert info.data.metrics["before"] == 1.0
 
 
+def test_sigterm_inside_a_store_call_waits_for_the_call(store, monkeypatch):
+    """A SIGTERM that lands inside an MLflow write is raised when the write returns: the
+    point is stored, no SQLite transaction is left holding the lock, and the run is marked
+    FAILED at once (raised mid-call, it left the database locked for the retries' 25 s)."""
+    import signal
+    from pipeline import signals
+    uri, artifacts, _ = store
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    signals.install()
+    try:
+        with pytest.raises(signals.Terminated, match="stopped by SIGTERM"):
+            with start_run(uri, "synthetic", "terminated", {}, {}, artifacts) as run:
+                write = run.client.log_batch
+
+                def killed_mid_write(*args, **kwargs):
+                    os.kill(os.getpid(), signal.SIGTERM)  # handled before the next line
+                    return write(*args, **kwargs)
+
+                monkeypatch.setattr(run.client, "log_batch", killed_mid_write)
+                start = time.monotonic()
+                run.log_metrics({"last": 1.0}, step=3)
+                pytest.fail("the SIGTERM was not raised after the write")
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+    assert time.monotonic() - start < 5
+    info = _client(uri).get_run(run.run_id)
+    assert info.info.status == "FAILED"
+    assert info.data.tags["failure_reason"] == "Terminated: stopped by SIGTERM"
+    assert [m.step for m in _client(uri).get_metric_history(run.run_id, "last")] == [3]
+
+
 def test_explicit_fail_is_not_overwritten(store):
     uri, artifacts, _ = store
     with start_run(uri, "synthetic", "diverged", {}, {}, artifacts) as run:
