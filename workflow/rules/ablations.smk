@@ -21,7 +21,7 @@ rule train_ablation:
         run="|".join(ABLATION_NAMES),
     threads: 1
     resources:
-        gpu=train_gpu("ablations"),
+        **job_resources("ablations"),
     conda:
         "../../envs/pipeline.yaml"
     shell:

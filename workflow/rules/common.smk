@@ -81,7 +81,7 @@ def dataset_files(name):
 # --- training studies: one job per entry of <study>.runs, all through `python -m pipeline train`
 # A study's training job is declared with these helpers and the wildcard {run}, as in
 #     input: unpack(train_inputs(STUDY)), output: results/STUDY/{run}/{metrics.json,curves.csv,model.pt},
-#     params: **train_params(STUDY, "rule_name"), resources: gpu=train_gpu(STUDY), shell: TRAIN_SHELL
+#     params: **train_params(STUDY, "rule_name"), resources: **job_resources(STUDY), shell: TRAIN_SHELL
 # Each job's params are its own merged run, so editing one entry reruns only that job (and
 # what reads its results); editing <study>.defaults reruns them all.
 
@@ -116,8 +116,20 @@ def train_params(study, rule):
     }
 
 
-def train_gpu(study):
-    return lambda wc: int(run_config(study, wc.run)["device"].startswith("cuda"))
+def run_gpus(run):
+    """GPUs of one training job: its ranks (torchrun processes, 1 by default) on cuda, else 0."""
+    return int(run.get("ranks", 1)) if run["device"].startswith("cuda") else 0
+
+
+def job_resources(study, gpu=None):
+    """A study job's `resources:` for a cluster executor (profiles/slurm), from params.yaml's
+    cluster.<study> at the chosen scale. gpu: from the run's device (run_gpus), or given. The
+    SLURM plugin asks for cpus_per_gpu x GPUs on a GPU job and for `threads` on a CPU job."""
+    c = PARAMS["cluster"][study]
+    if gpu is None:
+        gpu = lambda wc: run_gpus(run_config(study, wc.run))
+    return {"gpu": gpu, "cpus_per_gpu": c["cpus_per_gpu"], "mem_mb": c["mem_mb"],
+            "runtime": c["runtime_min"]}
 
 
 TRAIN_ARGS = (
@@ -139,8 +151,12 @@ def report_failed_runs():
         for name in run_names(study):
             path = f"results/{study}/{name}/metrics.json"
             if os.path.exists(path):
-                with open(path) as handle:
-                    metrics = json.load(handle)
+                try:
+                    with open(path) as handle:
+                        metrics = json.load(handle)
+                except (OSError, ValueError) as err:  # not ours: results are written atomically
+                    failed.append(f"  {study}/{name}: unreadable {path}: {err}")
+                    continue
                 if metrics.get("status") == "failed":
                     failed.append(f"  {study}/{name}: {metrics.get('reason', '')}")
                 for unit in metrics.get("failed", []) if metrics.get("status") != "failed" else []:

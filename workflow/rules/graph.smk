@@ -24,7 +24,7 @@ rule train_graph:
         run="|".join(GRAPH_RUNS),
     threads: 1
     resources:
-        gpu=train_gpu("graph"),
+        **job_resources("graph"),
     conda:
         "../../envs/pipeline.yaml"
     shell:
@@ -48,7 +48,7 @@ rule train_node:
         run="|".join(NODE_RUNS),
     threads: 1
     resources:
-        gpu=train_gpu("node"),
+        **job_resources("node"),
     conda:
         "../../envs/pipeline.yaml"
     shell:

@@ -29,7 +29,7 @@ rule synthetic_study:
         "benchmarks/rules/synthetic_study/Lh={Lh}.tsv"
     threads: 1
     resources:
-        gpu=int(SYNTHETIC["device"].startswith("cuda")),
+        **job_resources("synthetic", gpu=int(SYNTHETIC["device"].startswith("cuda"))),
     conda:
         "../../envs/pipeline.yaml"
     shell:
