@@ -83,3 +83,67 @@ def test_repro_push_delete_pull_restores_the_same_bytes(project):
     assert json.loads(dvc(project, "status", "--json", STAGE)) == {}
     # Nothing changed, so a second repro hands nothing to Snakemake.
     assert "didn't change, skipping" in dvc(project, "repro", STAGE)
+
+
+def _max_lr(root: Path) -> float:
+    import csv
+    with open(root / "results/ablations/sgd/curves.csv") as f:
+        return max(float(r["train/lr"]) for r in csv.DictReader(f))
+
+
+def _ablation_metrics(root: Path) -> dict[str, float]:
+    return {p.parent.name: p.stat().st_mtime_ns for p in (root / "results/ablations").glob("*/metrics.json")}
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_exp_run_set_param_reruns_only_that_ablation(workflow, repo_root, tmp_path):
+    """`dvc exp run -S ablations.runs.sgd.lr=0.05` on the tiny run's results: Snakemake reruns
+    the sgd ablation alone (and the tables that read it), and `dvc exp show` lists its
+    accuracy beside the baseline's."""
+    import yaml
+
+    from pipeline.config import deep_merge
+    root = tmp_path / "exp"
+    shutil.copytree(workflow, root, symlinks=True,
+                    ignore=shutil.ignore_patterns("locks", ".git", ".dvc", "tiny.yaml"))
+    params = deep_merge(yaml.safe_load((workflow / "params.yaml").read_text()),
+                        yaml.safe_load((workflow / "tiny.yaml").read_text()))
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))  # tiny = params.yaml
+    for rel in ("dvc.yaml", ".dvcignore", ".gitignore"):
+        shutil.copy(repo_root / rel, root / rel)
+    shutil.copytree(repo_root / "pipeline", root / "pipeline",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    _run(root, "git", "init", "-q")
+    dvc(root, "init", "-q")
+    shutil.copy(repo_root / ".dvc/config", root / ".dvc/config")
+    _run(root, "git", "add", "-A")
+    _run(root, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tiny")
+
+    before = _ablation_metrics(root)
+    dvc(root, "repro")  # the baseline: Snakemake finds everything up to date
+    assert _ablation_metrics(root) == before
+    _run(root, "git", "add", "-A")
+    _run(root, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "baseline")
+    baseline = json.loads((root / "figures/ablations/ablations_metrics.json").read_text())
+    lr_before = _max_lr(root)
+
+    dvc(root, "exp", "run", "-S", "ablations.runs.sgd.lr=0.05")
+    after = _ablation_metrics(root)
+    assert {name for name in before if after[name] != before[name]} == {"sgd"}
+    sgd = json.loads((root / "results/ablations/sgd/metrics.json").read_text())
+    # the same cosine schedule from 0.05 instead of 0.1 (its eta_min 1e-6 shifts the ratio by 1e-5)
+    assert _max_lr(root) == pytest.approx(lr_before * 0.05 / 0.1, rel=1e-4)
+
+    shown = json.loads(dvc(root, "exp", "show", "--json"))
+    rows = {}
+    for commit in shown:
+        for rev in [commit, *[e for exp in commit.get("experiments") or [] for e in exp["revs"]]]:
+            data = rev.get("data") or {}
+            metrics = data.get("metrics", {}).get("figures/ablations/ablations_metrics.json", {})
+            lr = data.get("params", {}).get("params.yaml", {}).get("data", {})
+            if metrics.get("data"):
+                rows[rev["rev"]] = (lr.get("ablations", {}).get("runs", {}).get("sgd", {}).get("lr"),
+                                    metrics["data"]["sgd"]["best"])
+    assert (0.1, baseline["sgd"]["best"]) in rows.values(), rows
+    assert (0.05, sgd["best"]) in rows.values(), rows
