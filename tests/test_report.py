@@ -123,3 +123,14 @@ def test_dvc_lists_each_study_summary_metrics(workflow, repo_root, venv_bin):
     for name, values in json.loads(
             (workflow / "figures/ablations/ablations_metrics.json").read_text()).items():
         assert name in shown and values["status"] in shown
+
+
+def test_paper_values_live_in_the_reference_file_only(repo_root):
+    """No figure module types a paper number: the tables read them from reference.yaml."""
+    from pipeline.figures.report import reference
+    numbers = {f"{e['paper']:g}" for e in reference()["claims"]
+               if isinstance(e["paper"], float) and e["paper"] > 1}
+    assert {"1.7", "77.7", "97.6"} <= numbers
+    for path in (repo_root / "pipeline/figures").glob("*.py"):
+        text = path.read_text()
+        assert not [n for n in numbers if re.search(rf"(?<![\d.]){re.escape(n)}(?![\d])", text)], path

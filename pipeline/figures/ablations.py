@@ -25,20 +25,17 @@ import pandas as pd
 
 from pipeline import tracking as M
 from pipeline.figures.common import plt, save, write_caption
+from pipeline.figures.report import paper_text
 from pipeline.io import atomic_path, read_json, write_json
 
 COS_F = M.GRAD_COS_PART.format(part="F")
 
-# The paper's ablation table could not be read (shared/reference/paper-numbers.md);
-# its abstract gives the backward speedup of phantom gradients.
-PAPER_BACKWARD_SPEEDUP = {"upg": "≈1.7× (abstract)", "npg": "≈1.7× (abstract)"}
-NOT_AVAILABLE = "not available"
-REFERENCE_NOTE = (
-    "Reference: the paper's ablation accuracies could not be read (not available). MDEQ-Tiny "
-    "has 170K parameters in the paper and 158,986 in the official TINY config at 32x32x3 "
-    "(ours: the same 158,986; fewer on 8x8x1 digits). Backward speedup: the abstract's ~1.7x; "
-    "ours is the time from h* to the parameter gradients, median of repeats after a warm-up, "
-    "alternating with implicit differentiation (the run's b_thres) on the same batch and h*. "
+# The columns, below the table; the paper's values come from reference.yaml (paper_text).
+COLUMN_NOTE = (
+    "Paper values: pipeline/figures/reference.yaml (\"not available\": the paper's ablation "
+    "table could not be read). Backward speedup: the time from h* to the parameter gradients, "
+    "median of repeats after a warm-up, alternating with implicit differentiation (the run's "
+    "b_thres) on the same batch and h*. "
     "cos F: cosine of the applied gradient with the exact implicit gradient at the h* the "
     "forward solver found (GMRES per sample, float64), over F's parameters, median over the "
     "diagnostics whose reference converged; ref residual: the worst per-sample relative "
@@ -88,13 +85,15 @@ def table(runs: dict[str, dict]) -> pd.DataFrame:
             "estimator": est, "optimizer": m["optimizer"],
             "pretrain_steps": m["pretrain_steps"], "dropout": m["model"].get("dropout"),
             "best_acc_%": _pct(m["best"]), "final_acc_%": _pct(m["final"]),
-            "paper_acc_%": NOT_AVAILABLE,
+            "paper_acc_%": paper_text(f"results/ablations/{name}/metrics.json", "best"),
             "epochs": f"{m['epochs_completed']}/{m['epochs']}",
             "step_s": m["mean_step_s"],
             "train_speedup_vs_implicit": ratio, "implicit_run": ref or "",
             "grad_s": d["median_grad_s"], "grad_implicit_s": d["median_grad_implicit_s"],
             "backward_speedup_vs_implicit": d["median_grad_speedup_vs_implicit"],
-            "paper_backward_speedup": PAPER_BACKWARD_SPEEDUP.get(m["estimator"], ""),
+            "paper_backward_speedup": paper_text(
+                f"results/ablations/{name}/metrics.json",
+                "diagnostics.median_grad_speedup_vs_implicit"),
             "step_peak_mb": m["peak_memory_mb"],
             "cos_F": d["median_cos_sim_F"], "cos_all": d["median_cos_sim"],
             "ref_residual": d["median_ref_rel_residual"],
@@ -172,7 +171,7 @@ def main(args) -> int:
     write_csv(frame, out / "ablations_table.csv")
     with atomic_path(out / "ablations_table.md") as tmp:
         tmp.write_text(f"{header(runs)}\n\n{frame.to_markdown(index=False, floatfmt='.4g')}\n\n"
-                       f"{REFERENCE_NOTE}\n")
+                       f"{COLUMN_NOTE}\n")
     save(fig, out, "ablations_training")
     metrics = [r["metrics"] for r in runs.values()]
     write_caption(out / "ablations_caption.rst", what=header(runs),

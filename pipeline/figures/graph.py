@@ -7,8 +7,7 @@
   from the same runs (every epoch scores validation and test), the best of the seeds (the
   paper's "best of three runs") and mean ± std. FAILED units (a divergence or a collapse)
   are named with their reason and excluded from the statistics. Beside the paper's
-  references: PROTEINS 77.7 (IGNN, a benchmark page), PPI 97.6 micro-F1; COX2 and this
-  paper's own IGNN table: not available.
+  values, read from reference.yaml.
 * ``graph_folds.png``: accuracy per fold per method and protocol (graph datasets).
 * ``graph_f1.png``: test micro-F1 over epochs, one line per seed (node datasets).
 * ``graph_dynamics.png``: forward solver residual (its stop norm, worst layer) and
@@ -24,14 +23,13 @@ import pandas as pd
 
 from pipeline import tracking as M
 from pipeline.figures.common import plt, save, write_caption
+from pipeline.figures.report import paper_text, paper_values
 from pipeline.io import atomic_path, read_json, write_json
 
-NOT_AVAILABLE = "not available"
-PAPER = {"proteins": "77.7 (IGNN; no std)", "ppi": "97.6 micro-F1 (IGNN)",
-         "cox2": NOT_AVAILABLE}
 PAPER_NOTE = (
-    "References: IGNN reports PROTEINS 77.7 (a benchmark page, no std) and PPI micro-F1 97.6; "
-    "COX2 and the phantom-gradient paper's own IGNN table: not available (paper-numbers.md). "
+    "Paper values: pipeline/figures/reference.yaml (the claim that reads each run's result; "
+    "\"not available\" where the paper gives none; – for the clean protocol, which the paper "
+    "did not use). "
     "The paper (appendix §4.3) uses IGNN's protocol: per fold the best test accuracy over "
     "epochs (official); PPI the best of three runs. clean: the same folds, a stratified "
     "validation split of the training folds, the test accuracy at the best validation epoch. "
@@ -95,7 +93,8 @@ def table(runs: dict[str, dict]) -> pd.DataFrame:
                                          if u["mean_backward_s"] is not None],
                                         dtype=float).mean(),
                 "cos F": _median(m, "median_cos_sim_F"),
-                "paper": PAPER.get(m["dataset"], NOT_AVAILABLE),
+                "paper": paper_text(f"results/{key}/metrics.json", default="not available")
+                if protocol == "official" else "–",
                 "failed": failed or "none",
                 "run": key,
             })
@@ -182,7 +181,7 @@ def main(args) -> int:
     write_csv(frame, out / "graph_table.csv")
     with atomic_path(out / "graph_table.md") as tmp:
         tmp.write_text(f"{header(runs)}\n\n{frame.drop(columns=['run']).to_markdown(index=False, floatfmt='.4g')}"
-                       f"\n\n{PAPER_NOTE}\n")
+                       f"\n\n{PAPER_NOTE} {paper_values('graph')}.\n")
     save(plot_folds(runs), out, "graph_folds")
     save(plot_f1(runs), out, "graph_f1")
     save(plot_dynamics(runs), out, "graph_dynamics")

@@ -55,6 +55,23 @@ def reference() -> dict:
                           .read_text())
 
 
+def paper_text(path: str, key: str | None = None, default: str = "") -> str:
+    """How the paper states the value that reference.yaml compares with ours at
+    ``path``#``key`` (any key if None), for a study's table to show beside ours; "not
+    available" for a null paper value, ``default`` where no claim reads that value."""
+    for entry in reference()["claims"]:
+        ours = entry.get("ours") or {}
+        if ours.get("path") == path and key in (None, ours.get("key")):
+            return entry["paper_text"] if entry["paper"] is not None else "not available"
+    return default
+
+
+def paper_values(study: str) -> str:
+    """The paper values reference.yaml holds for one study, as one line for a table's note."""
+    return "; ".join(f"{e['claim']}: {e['paper_text']}" for e in reference()["claims"]
+                     if e["study"] == study and e["paper"] is not None)
+
+
 # --- ours, read from results/ ----------------------------------------------------------------
 
 def _dig(obj, dotted: str):
