@@ -141,18 +141,30 @@ def _client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
+_STORE_SECONDS = [0.0]
+
+
+def store_seconds() -> float:
+    """Wall seconds this process has spent in MLflow store calls (the tracking overhead)."""
+    return _STORE_SECONDS[0]
+
+
 def _retry(fn, *args, attempts: int = 8, **kwargs):
     """Every MLflow store call goes through here. SQLite allows one writer, so a concurrent
     job may find the database locked for a moment: retry. A SIGTERM or SIGINT waits until
     the call returns, so no transaction is left open holding the lock (``signals``)."""
-    for attempt in range(attempts):
-        try:
-            with uninterrupted():
-                return fn(*args, **kwargs)
-        except Exception as err:  # mlflow wraps sqlite's OperationalError in its own types
-            if "locked" not in str(err).lower() or attempt == attempts - 1:
-                raise
-            time.sleep(0.2 * 2 ** attempt)
+    start = time.perf_counter()
+    try:
+        for attempt in range(attempts):
+            try:
+                with uninterrupted():
+                    return fn(*args, **kwargs)
+            except Exception as err:  # mlflow wraps sqlite's OperationalError in its own types
+                if "locked" not in str(err).lower() or attempt == attempts - 1:
+                    raise
+                time.sleep(0.2 * 2 ** attempt)
+    finally:
+        _STORE_SECONDS[0] += time.perf_counter() - start
 
 
 def _artifact_location(artifacts: str, experiment: str) -> str:

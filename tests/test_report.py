@@ -78,6 +78,10 @@ def test_default_scale_statuses(workflow):
     row = times.set_index("study").loc["ablations"]
     assert row["jobs"] == len(yaml.safe_load((workflow / "params.yaml").read_text())
                               ["ablations"]["runs"]) + 2  # + tiny's exploding run + report
+    for study in ("synthetic", "ablations", "graph"):  # time in MLflow calls, a share of the wall
+        tracked = times.set_index("study").loc[study]
+        assert tracked["tracking_s"] > 0 and 0 < tracked["tracking_over_wall"] < 1, tracked
+    assert status["npg_memory_below_upg"] in ("reproduced", "not reproduced")
 
 
 def test_every_figure_is_in_the_report_with_a_full_caption(workflow, report):

@@ -187,7 +187,8 @@ def main(args) -> int:
         history = [pd.DataFrame(r["history"]).assign(unit=r["unit"]) for r in results]
         write_csv(pd.concat(curves, ignore_index=True), out / "curves.csv")
         write_csv(pd.concat(history, ignore_index=True), out / "history.csv")
-        write_json(summary, out / "metrics.json")
+        from pipeline.tracking import store_seconds
+        write_json({**summary, "tracking_s": store_seconds()}, out / "metrics.json")
         shutil.rmtree(folder, ignore_errors=True)  # concluded: no resume state is left
     finally:
         prune_empty_dirs(checkpoints / args.study / args.name, levels=3)

@@ -598,7 +598,8 @@ def main(args) -> int:
             write_json({"run_id": tracker.run_id}, run_file)
         result = run_and_log(cfg, tracker, ckdir, log=lambda msg: print(msg, flush=True))
         result["summary"].update(scale=args.scale, dataset="synthetic",
-                                 mlflow_run_id=tracker.run_id, git_commit=tracking.git_commit())
+                                 mlflow_run_id=tracker.run_id, git_commit=tracking.git_commit(),
+                                 tracking_s=tracking.store_seconds())
         write_csv(result["grid"], out / "grid.csv")
         write_csv(result["dynamics"], out / "dynamics.csv")
         write_csv(result["pairs"], out / "pairs.csv")

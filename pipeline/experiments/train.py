@@ -573,7 +573,8 @@ def main(args) -> int:
                             log=lambda msg: print(msg, flush=True), resume=resume,
                             weights=out / "model.pt")
             results.update(study=args.study, name=args.name, scale=args.scale,
-                           params_hash=phash, mlflow_run_id=tracker.run_id)
+                           params_hash=phash, mlflow_run_id=tracker.run_id,
+                           tracking_s=M.store_seconds())
             write_csv(pd.DataFrame(results.pop("curves")), out / "curves.csv")
             write_json(results, out / "metrics.json")
             tracker.log_artifact(out / "metrics.json")
