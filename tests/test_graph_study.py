@@ -14,6 +14,7 @@ from pipeline import tracking as M
 from pipeline.config import ParamsError, resolve, study_run
 from pipeline.data.graphs import export_chains, export_mutag
 from pipeline.experiments import repeats
+from pipeline.experiments.tasks import get_task
 from pipeline.experiments.train import Divergence, TrainConfig, _check_capped
 
 
@@ -68,6 +69,11 @@ def test_every_fold_trains_through_the_loop_with_both_protocol_scores(raw, data,
     mean = sum(r["clean"] for r in results) / 3
     assert summary["clean"]["mean"] == pytest.approx(mean)
     assert (folder / "fold0.json").is_file()                     # a killed job resumes here
+    import torch
+    state = torch.load(folder / "fold0.pt", weights_only=True)  # the unit's final weights
+    task = get_task("graph")(cfg.model, cfg.data, str(data / "mutag"), "cpu", cfg.batch_size,
+                             cfg.eval_batch_size, cfg.seed)
+    assert state.keys() == task.build_model().state_dict().keys()
 
 
 def test_folds_differ_and_a_unit_is_not_rerun_after_a_restart(raw, data, tmp_path):

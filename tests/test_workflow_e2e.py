@@ -138,6 +138,8 @@ def test_graph_study_runs_every_fold_and_seed_in_one_job(workflow):
                 [exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
             assert sorted(c.info.run_name for c in children) == \
                 sorted(f"{name}/{u['unit']}" for u in metrics["units"])
+            assert sorted(p.stem for p in (workflow / f"results/{study}/{name}/weights").glob("*.pt")) \
+                == sorted(u["unit"] for u in metrics["units"])
             curves = pd.read_csv(workflow / f"results/{study}/{name}/curves.csv")
             for column in ("solver/stop_residual", "time/backward_s", "spectral/rho",
                            "spectral/rho_lambda", "grad/cos_sim_F"):

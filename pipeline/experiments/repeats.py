@@ -18,7 +18,9 @@ mid-epoch, in the same child run. The job's outputs (``--out``):
   collapse), best, and both protocol scores; over the units the mean ± std (population,
   as the official script) and the best, of the finished units;
 * ``curves.csv``: every unit's step rows, with a ``unit`` column;
-* ``history.csv``: every unit's evaluations (one row per epoch), with a ``unit`` column.
+* ``history.csv``: every unit's evaluations (one row per epoch), with a ``unit`` column;
+* ``weights/<label>.pt``: each unit's final weights (a state dict; ``torch.load(...,
+  weights_only=True)``), kept with the resume state until the job ends.
 """
 from __future__ import annotations
 
@@ -108,7 +110,7 @@ def run_units(cfg: TrainConfig, params: dict, *, study: str, name: str, data_dir
                                     batch_size=batch_size) as tracker:
                 result = train(unit_cfg, task, tracker, checkpoint,
                                log=lambda msg, label=label: log(f"[{label}] {msg}"),
-                               resume=resume)
+                               resume=resume, weights=folder / f"{label}.pt")
                 result.update(unit=label, seed=seed, mlflow_run_id=tracker.run_id,
                               **_scores(task, result["history"]))
             from pipeline.io import write_json
@@ -188,6 +190,9 @@ def main(args) -> int:
         write_csv(pd.concat(curves, ignore_index=True), out / "curves.csv")
         write_csv(pd.concat(history, ignore_index=True), out / "history.csv")
         from pipeline.tracking import store_seconds
+        (out / "weights").mkdir(parents=True, exist_ok=True)
+        for unit in results:  # each unit's final weights, kept with the results
+            shutil.move(folder / f"{unit['unit']}.pt", out / "weights" / f"{unit['unit']}.pt")
         write_json({**summary, "tracking_s": store_seconds()}, out / "metrics.json")
         shutil.rmtree(folder, ignore_errors=True)  # concluded: no resume state is left
     finally:

@@ -14,6 +14,7 @@ rule train_graph:
         metrics="results/graph/{run}/metrics.json",
         curves="results/graph/{run}/curves.csv",
         history="results/graph/{run}/history.csv",
+        weights=directory("results/graph/{run}/weights"),
     params:
         **train_params("graph", "train_graph"),
     log:
@@ -38,6 +39,7 @@ rule train_node:
         metrics="results/node/{run}/metrics.json",
         curves="results/node/{run}/curves.csv",
         history="results/node/{run}/history.csv",
+        weights=directory("results/node/{run}/weights"),
     params:
         **train_params("node", "train_node"),
     log:
