@@ -117,8 +117,8 @@ def train_params(study, rule):
 
 
 def run_gpus(run):
-    """GPUs of one training job: its ranks (torchrun processes, 1 by default) on cuda, else 0."""
-    return int(run.get("ranks", 1)) if run["device"].startswith("cuda") else 0
+    """GPUs of one training job: one per rank (nproc_per_node, torchrun) on CUDA, none on the CPU."""
+    return int(run.get("nproc_per_node", 1)) if run["device"].startswith("cuda") else 0
 
 
 def job_resources(study, gpu=None):
