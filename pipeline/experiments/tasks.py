@@ -79,6 +79,7 @@ class ImageTask:
         from pipeline.models.mdeq import MDEQConfig
         self.device, self.batch_size, self.eval_batch_size = device, batch_size, eval_batch_size
         self.seed = seed
+        self.top5 = bool(data.get("top5", False))
         self.data = load_images(data_dir, device)
         meta = self.data["meta"]
         if data.get("dataset") and meta["name"] != data["dataset"]:
@@ -118,19 +119,35 @@ class ImageTask:
         loss = Fn.cross_entropy(logits, y)
         return loss, {"acc": (logits.argmax(1) == y).float().mean().item()}
 
-    @torch.no_grad()
     def evaluate(self, model, solver: SolverConfig, estimator: EstimatorConfig,
                  split: str | None = None) -> dict[str, float]:
         """Accuracy on ``split`` (default the test split), in eval mode."""
+        return self.from_sums(self.evaluate_sums(model, solver, estimator, split))
+
+    @torch.no_grad()
+    def evaluate_sums(self, model, solver: SolverConfig, estimator: EstimatorConfig,
+                      split: str | None = None, rank: int = 0, world_size: int = 1
+                      ) -> dict[str, float]:
+        """Correct predictions (top-1 and top-5) and samples in rank ``rank``'s shard of
+        ``split``; the loop adds these up over ranks (:func:`from_sums`)."""
         was_training = model.training
         model.eval()
-        correct = total = 0
-        for x, y in self.batches(split or self.eval_split, 0):
+        correct = correct5 = total = 0
+        for x, y in self.batches(split or self.eval_split, 0, rank, world_size):
             logits, _ = model(x, solver, estimator)
             correct += (logits.argmax(1) == y).sum().item()
+            top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            correct5 += (top == y[:, None]).any(dim=1).sum().item()
             total += len(y)
         model.train(was_training)
-        return {"acc": correct / total}
+        return {"correct": correct, "correct5": correct5, "count": total}
+
+    def from_sums(self, sums: dict[str, float]) -> dict[str, float]:
+        """Accuracy (and, with ``data.top5``, top-5 accuracy) from :func:`evaluate_sums`."""
+        out = {"acc": sums["correct"] / sums["count"]}
+        if self.top5:
+            out["top5"] = sums["correct5"] / sums["count"]
+        return out
 
 
 def load_images(data_dir: str | Path, device: str) -> dict:
