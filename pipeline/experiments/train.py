@@ -114,6 +114,9 @@ class TrainConfig:
     diverge_loss_window: int = 10            # early loss: mean of the first N steps
     diverge_capped_epochs: int | None = None  # forward solve at its cap for N+1 epochs in a
                                               # row, residual grown 10x: divergence (None: off)
+    nproc_per_node: int = 1                  # ranks: >1 the rule runs the job under torchrun
+    spectral_batches: int = 0                # after training: rho(dF/dh), rho(dF_lam/dh) on
+                                             # this many evaluation batches (0: not measured)
 
     @classmethod
     def from_params(cls, params: dict) -> "TrainConfig":
@@ -387,7 +390,42 @@ def train(cfg: TrainConfig, task, tracker, checkpoint: Path | None = None, log=p
         tracker.fail(reason)
     if weights is not None and d.is_main:
         save_weights(weights, model)
-    return _results(cfg, task, state, status, reason, n_params)
+    results = _results(cfg, task, state, status, reason, n_params)
+    if cfg.spectral_batches and d.is_main and status == "finished":
+        results["spectral"] = measure_spectral(cfg, task, model)
+    return results
+
+
+def measure_spectral(cfg: TrainConfig, task, model) -> dict:
+    """rho(dF/dh) and rho(dF_lam/dh) at the h* of the trained model on the first
+    ``spectral_batches`` evaluation batches (eval mode), by the power method with
+    ``power_iters`` / ``power_tol``, lam = the run's ``lam`` (appendix §4.3: rho_lam stays
+    near 1 while rho often exceeds 1). Per sample, the worst layer; then the mean over
+    samples (``rho``, ``rho_lambda``), their largest values, and whether every estimate
+    settled (a complex leading pair never settles: then rho is only a rough value)."""
+    from pipeline.deq import spectral_radius
+
+    was_training = model.training
+    model.eval()
+    gen = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
+    rho, rho_lam, settled, samples = [], [], True, 0
+    for batch in itertools.islice(task.batches(task.eval_split, 0), cfg.spectral_batches):
+        with torch.no_grad(), record_layers() as layers:
+            task.loss(model, batch, cfg.forward_solver, cfg.estimator_config)
+        for lam, out in ((1.0, rho), (cfg.lam, rho_lam)):
+            ests = [spectral_radius(r.func, r.h_star, lam, cfg.power_iters, gen, cfg.power_tol)
+                    for r in layers]
+            out.append(torch.stack([e.rho for e in ests]).amax(dim=0))
+            settled = settled and all(e.settled for e in ests)
+        samples += len(rho[-1])
+        del layers
+    model.train(was_training)
+    rho_t, lam_t = torch.cat(rho), torch.cat(rho_lam)
+    return {"rho": rho_t.mean().item(), "rho_lambda": lam_t.mean().item(),
+            "rho_max": rho_t.max().item(), "rho_lambda_max": lam_t.max().item(),
+            "fraction_rho_above_1": (rho_t > 1).float().mean().item(),
+            "lam": cfg.lam, "batches": len(rho), "samples": samples,
+            "power_iters": cfg.power_iters, "settled": settled, "split": task.eval_split}
 
 
 def _evaluate(cfg: TrainConfig, task, model, d: distributed.Dist) -> dict[str, float]:
@@ -621,6 +659,10 @@ def main(args) -> int:
 
     params, cfg = config_from_args(args)
     d = distributed.from_env()  # torchrun's ranks, or one process
+    if d.world_size != cfg.nproc_per_node:  # its batch order and global batch depend on it
+        raise SystemExit(f"{args.study} run {args.name}: nproc_per_node={cfg.nproc_per_node} "
+                         f"but {d.world_size} rank(s) started; launch it with torchrun "
+                         f"--standalone --nproc_per_node={cfg.nproc_per_node} (its rule does)")
     cfg = dataclasses.replace(cfg, device=distributed.init(d, cfg.device))
     phash = params_hash(params)
     checkpoint = Path(args.checkpoints) / args.study / args.name / phash / "last.pt"

@@ -189,7 +189,7 @@ def _fmt(value) -> str:
 
 def runtime(bench: Path, threads: dict[str, int]) -> pd.DataFrame:
     """Job-seconds per study: the `s` column of each benchmarks/rules/<rule>[/...].tsv,
-    times the rule's threads."""
+    times the job's threads (``threads["<rule>/<stem>"]``, else the rule's)."""
     rows = []
     files = sorted(bench.glob("*.tsv")) + sorted(bench.glob("*/*.tsv"))
     seen = set()
@@ -201,7 +201,8 @@ def runtime(bench: Path, threads: dict[str, int]) -> pd.DataFrame:
                 continue
             seen.add(path)
             frame = pd.read_csv(path, sep="\t")
-            total += float(frame["s"].iloc[-1]) * threads.get(rule, 1)
+            job = f"{rule}/{path.stem}"  # a job whose rule sets threads per job (torchrun)
+            total += float(frame["s"].iloc[-1]) * threads.get(job, threads.get(rule, 1))
             jobs += 1
         rows.append({"study": study, "jobs": jobs, "job_s": round(total, 1),
                      "budget_s": info["budget_s"],
