@@ -365,8 +365,9 @@ def train(cfg: TrainConfig, task, tracker, checkpoint: Path | None = None, log=p
             batches = itertools.islice(task.batches("train", epoch, rank, world_size),
                                        state["step_in_epoch"], steps_per_epoch)
             todo = min(steps_per_epoch - state["step_in_epoch"], total_steps - state["step"])
-            for batch in progress(itertools.islice(batches, todo), todo,
-                                  f"epoch {epoch + 1}/{cfg.epochs}", every=30.0):
+            mine = itertools.islice(batches, todo)
+            for batch in (progress(mine, todo, f"epoch {epoch + 1}/{cfg.epochs}", every=30.0)
+                          if d.is_main else mine):  # one progress line per job, rank 0's
                 row = _step(cfg, task, model, opt, sched, batch, state, diag_cfg, net, d)
                 epoch_s += row.pop("_train_s")
                 state["curves"].append({"step": state["step"], **row})
