@@ -4,6 +4,15 @@ Run from the repository root:
 
     .venv/bin/python -m benchmarks.backward            # full run, about 10 min on 2 idle CPU cores
     .venv/bin/python -m benchmarks.backward --quick    # smoke run, about 10 s
+    .venv/bin/python -m benchmarks.backward --config large_cifar --device cuda    # MDEQ (large)
+    .venv/bin/python -m benchmarks.backward --config small_imagenet --device cuda # MDEQ-Small
+
+``--config large_cifar`` / ``small_imagenet`` (the vision issue): the LARGE CIFAR-10 and the
+MDEQ-Small ImageNet configurations at their real shapes and official budgets (32x32 at batch
+32, f/b_thres 18/20, lam 0.5; 224x224 at batch 16, f/b_thres 26/27, lam 0.6), k in {1, 5, 10}
+by default; ``--device cuda`` runs on a GPU (times after ``torch.cuda.synchronize``, peak
+memory from CUDA's allocator). The run ends with the DDP step time, 2 gloo CPU ranks / 1
+process (``benchmarks/ddp.py``; ``--no-ddp`` skips it).
 
 Writes ``results/benchmarks/backward.csv`` and ``figures/benchmarks/backward.{png,pdf}``
 (``--out-csv`` and ``--out-fig`` move them). See ``benchmarks/README.md`` for results.
@@ -82,7 +91,7 @@ import torch
 from pipeline.deq import EstimatorConfig, SolverConfig, attach_estimator, solve
 from pipeline.memory import TensorMemory
 
-from benchmarks import diagnostics
+from benchmarks import ddp, diagnostics
 
 Tensor = torch.Tensor
 
@@ -95,11 +104,48 @@ COLUMNS = [
     "grad_speedup_vs_implicit", "grad_speedup_vs_implicit_cpu",
     "grad_ratio_ours_over_torchdeq", "grad_ratio_ours_over_torchdeq_cpu",
     "step_ratio_ours_over_torchdeq", "step_ratio_ours_over_torchdeq_cpu",
-    "cpu", "cores", "threads", "torch", "torchdeq", "load_avg",
+    "cpu", "cores", "threads", "torch", "torchdeq", "load_avg", "config", "device", "gpu",
 ]
 
 
 # --------------------------------------------------------------------------- measurement
+
+
+def _sync() -> None:
+    """Wait for the GPU's queued work before a clock is read (no-op on the CPU)."""
+    if DEVICE.startswith("cuda"):
+        torch.cuda.synchronize(DEVICE)
+
+
+DEVICE = "cpu"  # set by run() from --device
+
+
+class CudaMemory:
+    """:class:`~pipeline.memory.TensorMemory`'s interface from CUDA's allocator: bytes
+    above the level at entry, ``peak`` and, after ``mark()``, ``peak_since_mark``."""
+
+    def __enter__(self):
+        _sync()
+        self.base = torch.cuda.memory_allocated(DEVICE)
+        torch.cuda.reset_peak_memory_stats(DEVICE)
+        self.peak = self.peak_since_mark = 0
+        return self
+
+    def mark(self) -> None:
+        _sync()
+        self.peak = torch.cuda.max_memory_allocated(DEVICE) - self.base
+        self.peak_since_mark = torch.cuda.memory_allocated(DEVICE) - self.base
+        torch.cuda.reset_peak_memory_stats(DEVICE)
+
+    def __exit__(self, *exc):
+        _sync()
+        top = torch.cuda.max_memory_allocated(DEVICE) - self.base
+        self.peak, self.peak_since_mark = max(self.peak, top), max(self.peak_since_mark, top)
+        return False
+
+
+def new_memory():
+    return CudaMemory() if DEVICE.startswith("cuda") else TensorMemory()
 
 
 class Probe:
@@ -112,6 +158,7 @@ class Probe:
 
     def __call__(self, h: Tensor) -> Tensor:
         if self.t_first_grad is None and torch.is_grad_enabled():
+            _sync()
             self.t_first_grad, self.c_first_grad = time.perf_counter(), time.process_time()
             if self.memory is not None:
                 self.memory.mark()
@@ -121,15 +168,30 @@ class Probe:
 # --------------------------------------------------------------------------- problem
 
 
-def build_model(kind: str, image_size: int) -> tuple[torch.nn.Module, str]:
-    """MDEQ-Tiny (``pipeline.models.mdeq``) or the stand-in cell; returns (model, name)."""
+# The vision issue's configurations: (preset, classes, defaults of the run's flags).
+MDEQ_CONFIGS = {
+    "tiny": ("tiny", 10, dict(batch=32, image_size=32, f_thres=22, b_thres=24, lam=0.5,
+                              ks=[1, 2, 5, 10, 20])),
+    "large_cifar": ("large_cifar", 10, dict(batch=32, image_size=32, f_thres=18, b_thres=20,
+                                            lam=0.5, ks=[1, 5, 10])),
+    "small_imagenet": ("small_imagenet", 1000, dict(batch=16, image_size=224, f_thres=26,
+                                                    b_thres=27, lam=0.6, ks=[1, 5, 10])),
+}
+
+
+def build_model(kind: str, image_size: int, preset: str = "tiny"
+                ) -> tuple[torch.nn.Module, str]:
+    """MDEQ at ``preset`` (``pipeline.models.mdeq``) or, for tiny, the stand-in cell;
+    returns (model, name)."""
     if kind in ("auto", "mdeq"):
         try:
             from pipeline.models.mdeq import MDEQ, MDEQConfig
-            model = MDEQ(MDEQConfig(image_size=image_size))
-            return model.train(), "mdeq"
+            classes = MDEQ_CONFIGS[preset][1]
+            model = MDEQ(MDEQConfig.from_params({"preset": preset}, in_channels=3,
+                                                num_classes=classes, image_size=image_size))
+            return model.train(), "mdeq" if preset == "tiny" else f"mdeq_{preset}"
         except ImportError:
-            if kind == "mdeq":
+            if kind == "mdeq" or preset != "tiny":
                 raise
     from benchmarks.conv_cell import ConvCellConfig, ConvDEQCell
     return ConvDEQCell(ConvCellConfig(image_size=image_size)).train(), "conv_cell"
@@ -190,11 +252,13 @@ class Bench:
     def __init__(self, args):
         self.args = args
         torch.manual_seed(args.seed)
-        self.model, self.model_name = build_model(args.model, args.image_size)
-        self.x = torch.randn(args.batch, 3, args.image_size, args.image_size)
+        self.model, self.model_name = build_model(args.model, args.image_size, args.config)
+        self.model.to(args.device)
+        self.x = torch.randn(args.batch, 3, args.image_size, args.image_size).to(args.device)
         func, h0 = self.problem()
         self.state_size = h0.shape[1]
-        self.y = torch.randn(h0.shape, generator=torch.Generator().manual_seed(args.seed + 1))
+        self.y = torch.randn(h0.shape, generator=torch.Generator().manual_seed(args.seed + 1)
+                             ).to(args.device)
         self.f_solver = SolverConfig("broyden", args.f_thres, args.f_tol, "rel")
         _register_given_solver()
 
@@ -220,9 +284,11 @@ class Bench:
 
     def solve_ours(self, memory: Optional[TensorMemory] = None):
         func, h0 = self.problem()
+        _sync()
         t0, c0 = time.perf_counter(), time.process_time()
         with torch.no_grad(), (memory or _null()):
             z, stats = solve(func, h0, self.f_solver)
+        _sync()
         return z, stats, (time.perf_counter() - t0, time.process_time() - c0)
 
     def solve_torchdeq(self, memory: Optional[TensorMemory] = None):
@@ -230,9 +296,11 @@ class Bench:
         func, h0 = self.problem()
         deq = get_deq(core="indexing", f_solver="broyden", f_max_iter=self.args.f_thres,
                       f_tol=self.args.f_tol, f_stop_mode="rel").eval()
+        _sync()
         t0, c0 = time.perf_counter(), time.process_time()
         with torch.no_grad(), (memory or _null()):
             z_out, info = deq(func, h0)
+        _sync()
         return z_out[-1], info, (time.perf_counter() - t0, time.process_time() - c0)
 
     # gradient steps ------------------------------------------------------------------
@@ -250,10 +318,13 @@ class Bench:
                 deq = self.torchdeq_layer(case).train()
                 z_out, _ = deq(probe, z_star.clone(), backward_writer=bwd_stats.append)
                 h = z_out[-1]
+            _sync()
             t1, c1 = time.perf_counter(), time.process_time()
             loss = self.loss(h)
+            _sync()
             t2, c2 = time.perf_counter(), time.process_time()
             loss.backward()
+            _sync()
             t3, c3 = time.perf_counter(), time.process_time()
         del h, loss
         # Steps of our backward solve (TorchDEQ's stats pad their trace to b_thres and
@@ -311,8 +382,9 @@ def machine() -> dict:
         tdeq = getattr(torchdeq, "__version__", "") or _dist_version("torchdeq")
     except ImportError:
         tdeq = ""
+    gpu = torch.cuda.get_device_name(DEVICE) if DEVICE.startswith("cuda") else "none"
     return dict(cpu=cpu, cores=os.cpu_count(), threads=torch.get_num_threads(),
-                torch=torch.__version__, torchdeq=tdeq)
+                torch=torch.__version__, torchdeq=tdeq, device=DEVICE, gpu=gpu)
 
 
 def _dist_version(name: str) -> str:
@@ -331,6 +403,8 @@ def _load() -> float:
 
 
 def run(args) -> list[dict]:
+    global DEVICE
+    DEVICE = args.device
     if args.threads:
         torch.set_num_threads(args.threads)
     bench = Bench(args)
@@ -370,12 +444,12 @@ def run(args) -> list[dict]:
     z_star, _, _ = bench.solve_ours()
     solve_mem = {}
     for impl, fn in (("ours", bench.solve_ours), ("torchdeq", bench.solve_torchdeq)):
-        mem = TensorMemory()
+        mem = new_memory()
         fn(mem)
         solve_mem[impl] = mem.peak / 2 ** 20
     peak = {}
     for case in cases:
-        mem = TensorMemory()
+        mem = new_memory()
         bench.grad_step(case, z_star, mem)
         peak[case.key] = mem.peak_since_mark / 2 ** 20
         log(f"  memory {case.impl:8s} {case.estimator:8s} k={case.k}: {peak[case.key]:.1f} MiB")
@@ -394,7 +468,7 @@ def run(args) -> list[dict]:
             repeats=args.repeats, peak_mem_mb=peak[case.key], solve_mem_mb=solve_mem[case.impl],
             fwd_nstep=fwd_stats[case.impl][0], fwd_rel_residual=fwd_stats[case.impl][1],
             bwd_nstep=ts[-1]["bwd_nstep"] if ts[-1]["bwd_nstep"] is not None else "",
-            load_avg=load, **info)
+            load_avg=load, config=args.config, **info)
         for i, clock in enumerate(("", "_cpu")):  # wall clock, then CPU time
             solves = [t[i] for t in solve_t[case.impl]]
             grads = [t[f"est_forward{clock}_s"] + t[f"backward{clock}_s"] for t in ts]
@@ -547,7 +621,7 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=None, help="timed repeats (5)")
     p.add_argument("--ks", type=int, nargs="+", default=None,
                    help="k values for UPG / NPG (1 2 5 10 20); include 5 for the A_{5,0.5} target")
-    p.add_argument("--lam", type=float, default=0.5, help="damping lambda (0.5)")
+    p.add_argument("--lam", type=float, default=None, help="damping lambda (0.5; small_imagenet 0.6)")
     p.add_argument("--f-thres", type=int, default=None, help="forward Broyden steps (22)")
     p.add_argument("--b-thres", type=int, default=None, help="backward Broyden steps (24)")
     p.add_argument("--f-tol", type=float, default=1e-9,
@@ -564,20 +638,38 @@ def parse_args(argv=None):
     p.add_argument("--silent", action="store_true")
     p.add_argument("--no-diagnostics", action="store_true",
                    help="skip benchmarks/diagnostics.py (diagnostics cost, reference quality)")
+    p.add_argument("--config", choices=sorted(MDEQ_CONFIGS), default="tiny",
+                   help="MDEQ-Tiny (tiny), MDEQ large on CIFAR-10 (large_cifar) or MDEQ-Small "
+                        "on ImageNet (small_imagenet), at their real shapes and budgets")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
+    p.add_argument("--no-ddp", action="store_true",
+                   help="skip benchmarks/ddp.py (DDP step time, 2 gloo CPU ranks / 1)")
     argv = sys.argv[1:] if argv is None else argv
     diagnostics.add_arguments(p, quick="--quick" in argv)
+    ddp.add_arguments(p, quick="--quick" in argv)
     args = p.parse_args(argv)
-    full = dict(batch=32, image_size=32, repeats=5, ks=[1, 2, 5, 10, 20], f_thres=22, b_thres=24)
-    quick = dict(batch=4, image_size=8, repeats=1, ks=[1, 2], f_thres=3, b_thres=3)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: no CUDA device is visible")
+    full = dict(repeats=5, **MDEQ_CONFIGS[args.config][2])
+    quick = dict(batch=4, image_size=8, repeats=1, ks=[1, 2], f_thres=3, b_thres=3, lam=0.5)
     for key, value in (quick if args.quick else full).items():
-        if getattr(args, key) is None:
+        if getattr(args, key, None) is None:
             setattr(args, key, value)
     return args
 
 
+def _config(argv) -> str | None:
+    for i, a in enumerate(argv):
+        if a == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith("--config="):
+            return a.split("=", 1)[1]
+    return None
+
+
 def main(argv=None) -> list[dict]:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if "--config" in argv or any(a.startswith("--config=") for a in argv):
+    if _config(argv) not in (None, *MDEQ_CONFIGS):  # IGNN's (benchmarks/ignn.py)
         return _ignn(argv)
     args = parse_args(argv)
     rows = run(args)
@@ -592,6 +684,12 @@ def main(argv=None) -> list[dict]:
         diag = diagnostics.from_backward_args(args)
         write_csv(diagnostics.run(diag, log), diag.csv, diagnostics.COLUMNS)
         print(f"wrote {diag.csv}")
+    if not args.no_ddp:
+        ddp_args = argparse.Namespace(config=args.config, steps=args.ddp_steps,
+                                      warmup=args.ddp_warmup, batch=args.ddp_batch or args.batch,
+                                      image_size=args.image_size)
+        ddp.write([ddp.run(ddp_args)], args.ddp_csv)
+        print(f"wrote {args.ddp_csv}")
     return rows
 
 

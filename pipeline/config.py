@@ -128,7 +128,7 @@ def _check_data_root(data: dict, project: Path) -> None:
 
 
 # Top-level blocks that are training studies: {defaults, runs}, one job per run.
-TRAIN_STUDIES = ("ablations", "graph", "node")
+TRAIN_STUDIES = ("ablations", "graph", "node", "vision")
 
 
 def deep_merge(base: dict, override: dict) -> dict:
@@ -184,6 +184,11 @@ def _check_semantics(params: dict) -> None:
             for key, valid in checks:
                 if key in merged:
                     check(_origin(params, study, name, [key]), merged[key], valid)
+            data = merged.get("data", {})
+            if merged.get("task") == "imagefolder" and data["resize"] < data["crop"]:
+                raise ParamsError(f"invalid params.yaml:\n  {_origin(params, study, name, ['data', 'resize'])}: "
+                                  f"{data['resize']} is smaller than data.crop {data['crop']} "
+                                  "(validation resizes, then centre-crops)")
 
 
 def _origin(params: dict, study: str, name: str, path: list) -> str:

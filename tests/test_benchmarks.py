@@ -29,7 +29,7 @@ def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     cmd = [sys.executable, "-m", "benchmarks.backward", "--quick", "--silent",
            "--out-csv", str(out / "backward.csv"), "--out-fig", str(out / "fig" / "backward"),
-           "--diag-csv", str(out / "diagnostics.csv")]
+           "--diag-csv", str(out / "diagnostics.csv"), "--ddp-csv", str(out / "ddp.csv")]
     # a hang guard, not a speed target: the quick run takes 3-6 min on a 2-core CPU (its GMRES
     # reference at the CIFAR shape runs to its 1000-step cap), more on a loaded one
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
@@ -92,3 +92,15 @@ def test_quick_run_writes_the_figure_and_a_summary(quick_run):
     assert (out / "fig" / "backward.png").stat().st_size > 0
     assert (out / "fig" / "backward.pdf").stat().st_size > 0
     assert "ours/torchdeq" in stdout and "peak memory" in stdout
+
+
+def test_quick_run_times_a_ddp_step_two_ranks_over_one(quick_run):
+    """The DDP step time of the loop's own step, 2 gloo CPU ranks against 1 process."""
+    out, rows, stdout = quick_run
+    with open(out / "ddp.csv", newline="") as fh:
+        ddp = list(csv.DictReader(fh))
+    assert len(ddp) == 1 and ddp[0]["config"] == rows[0]["config"] == "tiny"
+    one, two = float(ddp[0]["step_1rank_s"]), float(ddp[0]["step_2ranks_s"])
+    assert one > 0 and two > 0
+    assert float(ddp[0]["ratio_2ranks_over_1"]) == pytest.approx(two / one, rel=1e-4)
+    assert ddp[0]["batch_per_rank"] == "4" and "ddp.csv" in stdout

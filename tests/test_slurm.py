@@ -18,7 +18,7 @@ pytest.importorskip("snakemake_executor_plugin_slurm",
 
 # rule -> the study whose cluster: entry and runs give its resources
 STUDY_RULES = {"synthetic_study": "synthetic", "train_ablation": "ablations",
-               "train_graph": "graph", "train_node": "node"}
+               "train_graph": "graph", "train_node": "node", "train_vision": "vision"}
 PAPER_DATA = {"cifar10": ("train.npz", "test.npz", "meta.json"),
               **{name: ("graphs.npz", "meta.json") for name in ("cox2", "proteins", "ppi")}}
 
@@ -36,9 +36,8 @@ def _expected(params: dict, rule: str, wildcard: str) -> dict:
     """What params.yaml asks for one job: gpus, cpus (per GPU, or per task), mem, minutes."""
     study = STUDY_RULES[rule]
     cluster = params["cluster"][study]
-    device = params["synthetic"]["device"] if study == "synthetic" else \
-        study_run(params, study, wildcard)["device"]
-    gpus = 1 if device.startswith("cuda") else 0
+    run = params["synthetic"] if study == "synthetic" else study_run(params, study, wildcard)
+    gpus = run.get("nproc_per_node", 1) if run["device"].startswith("cuda") else 0
     return {"gpus": str(gpus) if gpus else None,
             "cpus_per_gpu": str(cluster["cpus_per_gpu"]) if gpus else None,
             "cpus_per_task": None if gpus else "1",
@@ -93,7 +92,8 @@ def test_paper_dag_through_the_slurm_plugin(tmp_path, repo_root, venv_bin):
             assert got == {"gpus": None, "cpus_per_gpu": None, "cpus_per_task": "1",
                            "mem": "8000", "time": "60"}, (comment, line)
     assert checked == len(params["synthetic"]["Lh"]) + sum(
-        len(params[s]["runs"]) for s in ("ablations", "graph", "node"))
+        len(params[s]["runs"]) for s in ("ablations", "graph", "node", "vision"))
     assert "--gpus=1" in " ".join(submitted["rule_train_ablation_wildcards_mdeq"])
+    assert {_flag(a, "--gpus") for c, a in submitted.items() if "train_vision" in c} == {"4", "8"}
     status = fake_slurm.calls(tmp_path / "slurm", "sacct") + fake_slurm.calls(tmp_path / "slurm", "squeue")
     assert any("--name" in a for a in status), "the plugin polled the jobs' status"

@@ -73,7 +73,7 @@ def test_unknown_key_is_rejected():
 
 
 def test_unknown_task_lists_the_valid_ones():
-    with pytest.raises(ValueError, match=r"unknown task 'text'; valid tasks: \[.graph., .image., .node.\]"):
+    with pytest.raises(ValueError, match=r"unknown task 'text'; valid tasks: \[.graph., .image., .imagefolder., .node.\]"):
         TrainConfig.from_params({"task": "text"})
 
 

@@ -27,7 +27,9 @@ FIGURES = [f"synthetic/synthetic_{name}" for name in (
     "summary.md")] + [f"ablations/ablations_{name}" for name in (
         "table.csv", "table.md", "training.png", "training.pdf")] + [
     f"graph/graph_{name}" for name in ("table.csv", "table.md", "folds.png", "folds.pdf",
-                                       "f1.png", "f1.pdf", "dynamics.png", "dynamics.pdf")]
+                                       "f1.png", "f1.pdf", "dynamics.png", "dynamics.pdf")] + [
+    f"vision/vision_{name}" for name in ("table.csv", "table.md", "training.png",
+                                         "training.pdf", "caption.rst", "metrics.json")]
 
 
 from conftest import snakemake  # noqa: E402  (the `workflow` fixture is in conftest.py)
@@ -78,7 +80,8 @@ def test_one_mlflow_run_per_job_with_curves(workflow):
     tiny = yaml.safe_load((workflow / "tiny.yaml").read_text())
     params = yaml.safe_load((workflow / "params.yaml").read_text())
     expected = {"synthetic": len(tiny["synthetic"]["Lh"]),
-                "ablations": len({**params["ablations"]["runs"], **tiny["ablations"]["runs"]})}
+                "ablations": len({**params["ablations"]["runs"], **tiny["ablations"]["runs"]}),
+                "vision": len(params["vision"]["runs"])}  # a torchrun job: rank 0's run alone
     for study, count in expected.items():
         exp = client.get_experiment_by_name(study)
         runs = job_runs(client, exp.experiment_id)
@@ -152,6 +155,34 @@ def test_graph_study_runs_every_fold_and_seed_in_one_job(workflow):
     assert {"mutag", "chains"} <= set(re.findall(r"^\| (\w+)\s", table, re.M))
 
 
+def test_vision_study_trains_every_run_one_through_torchrun(workflow):
+    """Appendix §4.3 at the default scale: CIFAR-style runs on the digits, ImageNet-style
+    runs on the digits ImageFolder tree, one of them on 2 gloo ranks under torchrun; rho and
+    rho_lambda after training; a table that names the scale and the dataset."""
+    params = yaml.safe_load((workflow / "params.yaml").read_text())
+    tiny = yaml.safe_load((workflow / "tiny.yaml").read_text())
+    manifest = json.loads((workflow / "data/digits_imagefolder/manifest.json").read_text())
+    assert manifest["n_val"] == 360 and len(manifest["files"]["train"]) == manifest["n_train"]
+    for name, run in params["vision"]["runs"].items():
+        metrics = json.loads((workflow / f"results/vision/{name}/metrics.json").read_text())
+        assert metrics["status"] == "finished", (name, metrics["reason"])
+        assert metrics["steps"] == tiny["vision"]["defaults"]["max_steps_per_epoch"]
+        assert metrics["world_size"] == run.get("nproc_per_node", 1)
+        assert metrics["dataset"] == ("digits_imagefolder" if run.get("task") == "imagefolder"
+                                      else "digits")
+        assert "top5" in metrics["history"][-1], name
+        assert metrics["spectral"]["samples"] == 360 and metrics["spectral"]["rho"] > 0
+    log = (workflow / "logs/train_vision/imagenet_small_upg.log").read_text()
+    assert "imagefolder task" in log and log.count("vision/imagenet_small_upg: finished") == 1
+    table = (workflow / "figures/vision/vision_table.md").read_text()
+    assert "Scale: default" in table and "digits_imagefolder" in table
+    assert "not comparable (digits at scale default; the paper: cifar10 at scale paper)" in table
+    assert set(params["vision"]["runs"]) <= set(re.findall(r"^\| (\w+)\s", table, re.M))
+    runtime = pd.read_csv(workflow / "figures/report/runtime.csv")
+    vision = runtime[runtime["study"] == "vision"].iloc[0]
+    assert vision["jobs"] == len(params["vision"]["runs"]) + 2  # + report, ImageFolder export
+
+
 def test_second_run_does_nothing(workflow, venv_bin):
     proc = snakemake(workflow, venv_bin, "-n", "figures", "--configfile", "tiny.yaml")
     assert proc.returncode == 0
@@ -208,3 +239,15 @@ def test_paper_scale_dry_run_lists_every_ablation(workflow, venv_bin):
                            cwd=workflow, capture_output=True, text=True)
     assert graph.returncode == 0, graph.stderr[-3000:]
     assert planned(graph)["train_graph"] == 8 and "PROTEINS.zip" in graph.stdout
+    # vision: every paper run, each job asking for its GPUs (4 for CIFAR-10, 8 or 4 for
+    # ImageNet, as the official scripts), ImageNet through its manifest only
+    paper = yaml.safe_load((workflow / "params.yaml").read_text())["scales"]["paper"]["vision.runs"]
+    assert jobs["train_vision"] == len(paper) and jobs["validate_imagenet"] == 1
+    vision = subprocess.run([str(venv_bin / "snakemake"), "-n", "vision", "--config",
+                             "scale=paper"], cwd=workflow, capture_output=True, text=True)
+    assert vision.returncode == 0, vision.stderr[-3000:]
+    assert planned(vision)["train_vision"] == len(paper)
+    for name, run in paper.items():
+        block = vision.stdout.split(f"wildcards: run={name}\n")[1].split("\n\n")[0]
+        assert f"gpu={run['nproc_per_node']}" in block, (name, block)
+        assert f"torchrun --standalone --nproc_per_node={run['nproc_per_node']}" in block, block

@@ -3,7 +3,9 @@
     python -m pipeline data digits   --out data/digits --test-fraction 0.2 --seed 0
     python -m pipeline data cifar10  --out data/cifar10 --url URL --md5 MD5 \
         [--mirror URL] [--archive PATH] [--timeout S --deadline S --min-rate B/S --rate-window S]
-    python -m pipeline data imagenet --root DIR --manifest data/imagenet/manifest.json
+    python -m pipeline data imagenet --root DIR --manifest data/imagenet/manifest.json [--checksums]
+    python -m pipeline data digits-imagefolder --out data/digits_imagefolder --size 32 \
+        --test-fraction 0.2 --seed 0          (digits as a 32x32 RGB ImageFolder tree)
     python -m pipeline data mutag    --out data/mutag            (vendored, offline)
     python -m pipeline data chains   --out data/chains --seed 42  (generated, offline)
     python -m pipeline data tu       --name COX2 --out data/cox2 --url URL [--sha256 HEX] \
@@ -44,13 +46,20 @@ def sha256_hex(text: str) -> str:
 
 def add_arguments(parser) -> None:
     sub = parser.add_subparsers(dest="dataset", required=True,
-                                metavar="{digits,cifar10,imagenet,mutag,chains,tu,ppi}")
+                                metavar="{digits,digits-imagefolder,cifar10,imagenet,mutag,chains,tu,"
+                                        "ppi}")
 
     p = sub.add_parser("digits", help="export scikit-learn's digits (offline, the default)")
     p.add_argument("--out", required=True, help="output folder, e.g. data/digits")
     p.add_argument("--test-fraction", type=float, default=0.2, help="held-out share per class")
     p.add_argument("--seed", type=int, default=0, help="seed of the stratified split")
 
+    p = sub.add_parser("digits-imagefolder",
+                       help="the digits as an RGB ImageFolder tree with its manifest (offline)")
+    p.add_argument("--out", required=True, help="output folder, e.g. data/digits_imagefolder")
+    p.add_argument("--size", type=int, default=32, help="image side in pixels (x8 upscale: 64)")
+    p.add_argument("--test-fraction", type=float, default=0.2, help="held-out share per class")
+    p.add_argument("--seed", type=int, default=0, help="seed of the stratified split")
     p = sub.add_parser("cifar10", help="download, verify and export CIFAR-10")
     p.add_argument("--out", required=True, help="output folder, e.g. data/cifar10")
     p.add_argument("--url", required=True, help="URL of cifar-10-python.tar.gz")
@@ -86,6 +95,8 @@ def add_arguments(parser) -> None:
     p.add_argument("--root", default="", help="folder with train/ and val/ class sub-folders")
     p.add_argument("--manifest", required=True,
                    help="output JSON, e.g. data/imagenet/manifest.json")
+    p.add_argument("--checksums", action="store_true",
+                   help="add every image's sha256 to the manifest (reads every image)")
 
 
 def add_limit_arguments(parser) -> None:
@@ -114,6 +125,10 @@ def main(args) -> int:
         if args.dataset == "digits":
             from .digits import export_digits
             export_digits(args.out, test_fraction=args.test_fraction, seed=args.seed)
+        elif args.dataset == "digits-imagefolder":
+            from .digits import export_digits_imagefolder
+            export_digits_imagefolder(args.out, test_fraction=args.test_fraction,
+                                      seed=args.seed, size=args.size)
         elif args.dataset == "cifar10":
             from .cifar10 import prepare_cifar10
             prepare_cifar10(args.out, url=args.url, md5=args.md5, mirror=args.mirror or None,
@@ -135,7 +150,7 @@ def main(args) -> int:
                 prepare_ppi(args.out, **common)
         else:
             from .imagenet import validate_imagenet
-            validate_imagenet(args.root or None, args.manifest)
+            validate_imagenet(args.root or None, args.manifest, checksums=args.checksums)
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

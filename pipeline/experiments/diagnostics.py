@@ -28,10 +28,11 @@ is about to apply (``p.grad``, after clipping). What it measures:
 Nothing here changes training: the global RNG is forked and restored, BatchNorm
 buffers are restored, and ``p.grad`` is read, never written.
 
-Under DDP (the vision issue), ``p.grad`` after ``backward()`` is the all-reduced
-gradient while the replays see the rank's own batch: the reference must then be
-all-reduced as well before the cosine, or the cosine must be taken against the local
-gradient (``no_sync``) and say so. Single-process runs have neither question.
+Under DDP (``torchrun``, :mod:`.distributed`) the loop runs a diagnostics step's backward
+under ``no_sync()``, so ``p.grad`` is rank 0's own gradient on its own batch, the batch the
+replays see; rank 0 alone runs these diagnostics, on the unwrapped module, and the loop
+averages the gradients over ranks afterwards (then clips). The cosine is thus rank 0's
+local gradient against rank 0's local reference.
 """
 from __future__ import annotations
 

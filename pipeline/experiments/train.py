@@ -47,6 +47,7 @@ import torch
 
 from pipeline import tracking as M
 from pipeline.deq import EstimatorConfig, SolverConfig, record_layers
+from pipeline.experiments import distributed
 from pipeline.experiments.diagnostics import (DiagnosticsConfig, clock, diagnose, rng_state,
                                               set_rng_state)
 from pipeline.experiments.tasks import get_task
@@ -113,6 +114,9 @@ class TrainConfig:
     diverge_loss_window: int = 10            # early loss: mean of the first N steps
     diverge_capped_epochs: int | None = None  # forward solve at its cap for N+1 epochs in a
                                               # row, residual grown 10x: divergence (None: off)
+    nproc_per_node: int = 1                  # ranks: >1 the rule runs the job under torchrun
+    spectral_batches: int = 0                # after training: rho(dF/dh), rho(dF_lam/dh) on
+                                             # this many evaluation batches (0: not measured)
 
     @classmethod
     def from_params(cls, params: dict) -> "TrainConfig":
@@ -242,12 +246,14 @@ def _check_capped(cfg: TrainConfig, state: dict, steps_per_epoch: int) -> None:
 
 # --- checkpoints -----------------------------------------------------------------------------
 
-def save_checkpoint(path: Path, model, opt, sched, state: dict, run_id, device: str) -> None:
-    """Tensors and plain containers only; ``rng`` holds one entry per rank (one today)."""
+def save_checkpoint(path: Path, model, opt, sched, state: dict, run_id, device: str,
+                    rng: list | None = None) -> None:
+    """Tensors and plain containers only; ``rng`` holds one entry per rank, in rank order
+    (this process's alone when not given)."""
     from pipeline.io import atomic_path
     payload = {"model": model.state_dict(), "optimizer": opt.state_dict(),
-               "scheduler": sched.state_dict(), "rng": [rng_state(device)], "state": state,
-               "run_id": run_id}
+               "scheduler": sched.state_dict(), "rng": rng or [rng_state(device)],
+               "state": state, "run_id": run_id}
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
 
@@ -276,10 +282,19 @@ def train(cfg: TrainConfig, task, tracker, checkpoint: Path | None = None, log=p
     :mod:`pipeline.tracking` run; ``checkpoint`` the file to save to; ``resume`` a
     checkpoint loaded by :func:`load_checkpoint` to continue from; ``weights`` where the
     final (or, on divergence, the last) model weights go, to inspect after the run.
+
+    Under ``torchrun`` (``world_size`` > 1, the process group joined: :mod:`.distributed`)
+    the model trains inside DistributedDataParallel; rank 0 alone writes the checkpoint
+    (with every rank's RNG state) and the weights, and logs through ``tracker`` (the other
+    ranks pass a :class:`~pipeline.tracking.NullRun`); every rank returns the same results.
     """
+    d = distributed.Dist(rank, world_size)
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.manual_seed(cfg.seed)
     model = task.build_model()
+    if rank:  # the same initial model on every rank, but each rank its own dropout masks
+        torch.manual_seed(cfg.seed + 1_000_003 * rank)
+    net = distributed.wrap(model, d, cfg.device)  # forwards go through DDP; the rest uses model
     opt = make_optimizer(cfg, model)
     steps_per_epoch = task.steps_per_epoch(world_size)
     if cfg.max_steps_per_epoch:
@@ -297,6 +312,10 @@ def train(cfg: TrainConfig, task, tracker, checkpoint: Path | None = None, log=p
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
+        if len(ck["rng"]) != world_size:  # the batch order and steps per epoch depend on it
+            raise ValueError(f"{checkpoint or 'the checkpoint'} was written by "
+                             f"{len(ck['rng'])} rank(s); resume it with as many, not "
+                             f"{world_size} (or delete it to start over)")
         set_rng_state(ck["rng"][rank])
         state = ck["state"]
         # Rows are logged right after each checkpoint; a kill in between leaves MLflow
@@ -319,12 +338,14 @@ def train(cfg: TrainConfig, task, tracker, checkpoint: Path | None = None, log=p
     status, reason = "finished", ""
 
     def save() -> None:
-        if checkpoint is not None:
-            save_checkpoint(checkpoint, model, opt, sched, state, tracker.run_id, cfg.device)
+        rngs = distributed.gather(rng_state(cfg.device), d)  # every rank's, in rank order
+        if checkpoint is not None and d.is_main:
+            save_checkpoint(checkpoint, model, opt, sched, state, tracker.run_id, cfg.device,
+                            rngs)
         _flush(tracker, state, metric)
 
     def evaluate(epoch_s: float | None) -> None:
-        values = task.evaluate(model, cfg.forward_solver, cfg.estimator_config)
+        values = _evaluate(cfg, task, model, d)
         value = values[metric]
         better = (state["best"] is None
                   or (value > state["best"] if task.higher_is_better else value < state["best"]))
@@ -344,9 +365,10 @@ def train(cfg: TrainConfig, task, tracker, checkpoint: Path | None = None, log=p
             batches = itertools.islice(task.batches("train", epoch, rank, world_size),
                                        state["step_in_epoch"], steps_per_epoch)
             todo = min(steps_per_epoch - state["step_in_epoch"], total_steps - state["step"])
-            for batch in progress(itertools.islice(batches, todo), todo,
-                                  f"epoch {epoch + 1}/{cfg.epochs}", every=30.0):
-                row = _step(cfg, task, model, opt, sched, batch, state, diag_cfg)
+            mine = itertools.islice(batches, todo)
+            for batch in (progress(mine, todo, f"epoch {epoch + 1}/{cfg.epochs}", every=30.0)
+                          if d.is_main else mine):  # one progress line per job, rank 0's
+                row = _step(cfg, task, model, opt, sched, batch, state, diag_cfg, net, d)
                 epoch_s += row.pop("_train_s")
                 state["curves"].append({"step": state["step"], **row})
                 state["step"] += 1
@@ -367,14 +389,71 @@ def train(cfg: TrainConfig, task, tracker, checkpoint: Path | None = None, log=p
         status, reason = "failed", str(err)
         log(f"DIVERGED: {reason}")
         tracker.fail(reason)
-    if weights is not None:
+    if weights is not None and d.is_main:
         save_weights(weights, model)
-    return _results(cfg, task, state, status, reason, n_params)
+    results = _results(cfg, task, state, status, reason, n_params)
+    if cfg.spectral_batches and d.is_main and status == "finished":
+        results["spectral"] = measure_spectral(cfg, task, model)
+    return results
+
+
+def measure_spectral(cfg: TrainConfig, task, model) -> dict:
+    """rho(dF/dh) and rho(dF_lam/dh) at the h* of the trained model on the first
+    ``spectral_batches`` evaluation batches (eval mode), by the power method with
+    ``power_iters`` / ``power_tol``, lam = the run's ``lam`` (appendix §4.3: rho_lam stays
+    near 1 while rho often exceeds 1). Per sample, the worst layer; then the mean over
+    samples (``rho``, ``rho_lambda``), their largest values, and whether every estimate
+    settled (a complex leading pair never settles: then rho is only a rough value)."""
+    from pipeline.deq import spectral_radius
+
+    was_training = model.training
+    model.eval()
+    gen = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
+    rho, rho_lam, settled, samples = [], [], True, 0
+    for batch in itertools.islice(task.batches(task.eval_split, 0), cfg.spectral_batches):
+        with torch.no_grad(), record_layers() as layers:
+            task.loss(model, batch, cfg.forward_solver, cfg.estimator_config)
+        for lam, out in ((1.0, rho), (cfg.lam, rho_lam)):
+            ests = [spectral_radius(r.func, r.h_star, lam, cfg.power_iters, gen, cfg.power_tol)
+                    for r in layers]
+            out.append(torch.stack([e.rho for e in ests]).amax(dim=0))
+            settled = settled and all(e.settled for e in ests)
+        samples += len(rho[-1])
+        del layers
+    model.train(was_training)
+    rho_t, lam_t = torch.cat(rho), torch.cat(rho_lam)
+    return {"rho": rho_t.mean().item(), "rho_lambda": lam_t.mean().item(),
+            "rho_max": rho_t.max().item(), "rho_lambda_max": lam_t.max().item(),
+            "fraction_rho_above_1": (rho_t > 1).float().mean().item(),
+            "lam": cfg.lam, "batches": len(rho), "samples": samples,
+            "power_iters": cfg.power_iters, "settled": settled, "split": task.eval_split}
+
+
+def _evaluate(cfg: TrainConfig, task, model, d: distributed.Dist) -> dict[str, float]:
+    """The task's evaluation. Under DDP every rank first takes rank 0's buffers (one model
+    for all); a task with ``evaluate_sums`` then evaluates a shard per rank and the sums are
+    added up, any other task evaluates the whole split on every rank (rank 0's values)."""
+    solver, est = cfg.forward_solver, cfg.estimator_config
+    if not d.active:
+        return task.evaluate(model, solver, est)
+    distributed.sync_buffers(model, d)
+    if hasattr(task, "evaluate_sums"):
+        sums = task.evaluate_sums(model, solver, est, rank=d.rank, world_size=d.world_size)
+        keys = sorted(sums)
+        total = distributed.sum_tensor(torch.tensor([float(sums[k]) for k in keys]), d)
+        return task.from_sums(dict(zip(keys, total.tolist())))
+    return distributed.broadcast(task.evaluate(model, solver, est), d)
 
 
 def _step(cfg: TrainConfig, task, model, opt, sched, batch, state: dict,
-          diag_cfg: DiagnosticsConfig) -> dict:
-    """One training step (and its diagnostics); returns its row of metrics."""
+          diag_cfg: DiagnosticsConfig, net=None, d: distributed.Dist = distributed.SINGLE
+          ) -> dict:
+    """One training step (and its diagnostics); returns its row of metrics.
+
+    ``net`` is what the forward goes through (``model`` in DDP under torchrun); the
+    estimator, the diagnostics and the optimizer see ``model``, the unwrapped module.
+    """
+    net = model if net is None else net
     step = state["step"]
     pretraining = step < cfg.pretrain_steps
     est = task.pretrain_estimator(model) if pretraining else cfg.estimator_config
@@ -392,10 +471,19 @@ def _step(cfg: TrainConfig, task, model, opt, sched, batch, state: dict,
     with memory as mem:
         t0 = clock(cfg.device)
         with record_layers() as layers:
-            loss, metrics = task.loss(model, batch, cfg.forward_solver, est)
+            loss, metrics = task.loss(net, batch, cfg.forward_solver, est)
         t1 = clock(cfg.device)
         value = loss.item()
         nsteps, residual, diverged, why = _layer_stats(layers)
+        forward = {M.TRAIN_LOSS: value, **{M.train_metric(k): v for k, v in metrics.items()},
+                   M.SOLVER_NSTEPS: nsteps, M.SOLVER_REL_RESIDUAL: residual,
+                   **_layer_rows(layers, cfg.f_stop_mode)}
+        if d.active:  # every rank decides (divergence, logging) on the same, all-reduced values
+            forward = distributed.reduce_values({**forward, "diverged": float(diverged)},
+                                                _reduce_how(forward), d)
+            value, residual = forward[M.TRAIN_LOSS], forward[M.SOLVER_REL_RESIDUAL]
+            if forward.pop("diverged") and not diverged:
+                diverged, why = True, "diverged on another rank"
         if diverged:  # the cause first: a diverged solve makes the loss non-finite too
             raise Divergence(f"forward solver: {why} at step {step}")
         if not math.isfinite(value):
@@ -410,17 +498,23 @@ def _step(cfg: TrainConfig, task, model, opt, sched, batch, state: dict,
             raise Divergence(f"forward residual {residual:.3g} > {cfg.diverge_residual:g} at "
                              f"step {step}")
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip:
+        # Under DDP a diagnostics step keeps each rank's own gradient (no_sync) until rank 0
+        # has compared its own with the reference on its own batch; then it is averaged.
+        sync_later = d.active and diagnose_now
+        with net.no_sync() if sync_later else nullcontext():
+            loss.backward()
+        if cfg.grad_clip and not sync_later:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         t2 = clock(cfg.device)
-    row = {M.TRAIN_LOSS: value, **{M.train_metric(k): v for k, v in metrics.items()},
-           M.PRETRAINING: float(pretraining), M.SOLVER_NSTEPS: nsteps,
-           M.SOLVER_REL_RESIDUAL: residual, **_layer_rows(layers, cfg.f_stop_mode)}
-    if diagnose_now:
+    row = {**forward, M.PRETRAINING: float(pretraining)}
+    if diagnose_now and d.is_main:  # on the unwrapped module, rank 0 alone
         d0 = time.perf_counter()
         row.update(diagnose(model, task.loss, batch, layers, rng, diag_cfg, step))
         row[M.TIME_DIAGNOSTICS] = time.perf_counter() - d0
+    if sync_later:
+        distributed.average_gradients(model, d)
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     del layers
     t3 = clock(cfg.device)
     opt.step()
@@ -435,6 +529,15 @@ def _step(cfg: TrainConfig, task, model, opt, sched, batch, state: dict,
         row.update({M.TIME_FORWARD: t1 - t0, M.TIME_BACKWARD: t2 - t1,
                     M.TIME_STEP: (t2 - t0) + (t4 - t3)})
     return row
+
+
+def _reduce_how(forward: dict) -> dict[str, str]:
+    """How a forward's values combine over ranks: loss and task metrics by their mean (equal
+    batches per rank), solver steps and residuals by the worst rank, convergence by all."""
+    how = {k: distributed.MAX for k in forward
+           if k != M.TRAIN_LOSS and not k.startswith(M.train_metric(""))}
+    how.update({M.FORWARD_CONVERGED: distributed.MIN, "diverged": distributed.MAX})
+    return how
 
 
 def _early_loss(cfg: TrainConfig, state: dict) -> float | None:
@@ -529,14 +632,16 @@ def add_arguments(parser) -> None:
     parser.add_argument("--checkpoints", default="checkpoints")
     parser.add_argument("--scale", default="default")
     M.add_run_arguments(parser)
-    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0,
+                        help="the job's threads; under torchrun each rank takes "
+                             "max(1, threads // ranks)")
 
 
 def config_from_args(args) -> tuple[dict, TrainConfig]:
     """(the run's params, its TrainConfig) from the CLI arguments; sets the thread count and
     refuses a CUDA device where none is visible. Shared by ``train`` and ``train-repeats``."""
     if args.threads:
-        torch.set_num_threads(args.threads)
+        torch.set_num_threads(max(1, args.threads // distributed.from_env().world_size))
     params = json.loads(args.params)
     cfg = TrainConfig.from_params(params)
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
@@ -554,6 +659,12 @@ def main(args) -> int:
     import pandas as pd
 
     params, cfg = config_from_args(args)
+    d = distributed.from_env()  # torchrun's ranks, or one process
+    if d.world_size != cfg.nproc_per_node:  # its batch order and global batch depend on it
+        raise SystemExit(f"{args.study} run {args.name}: nproc_per_node={cfg.nproc_per_node} "
+                         f"but {d.world_size} rank(s) started; launch it with torchrun "
+                         f"--standalone --nproc_per_node={cfg.nproc_per_node} (its rule does)")
+    cfg = dataclasses.replace(cfg, device=distributed.init(d, cfg.device))
     phash = params_hash(params)
     checkpoint = Path(args.checkpoints) / args.study / args.name / phash / "last.pt"
     resume = load_checkpoint(checkpoint) if checkpoint.exists() else None
@@ -561,29 +672,42 @@ def main(args) -> int:
     task = get_task(cfg.task)(cfg.model, cfg.data, args.data, cfg.device, cfg.batch_size,
                               cfg.eval_batch_size, cfg.seed)
     tags = {"study": args.study, "run": args.name, "task": cfg.task, "scale": args.scale,
-            "dataset": task.dataset, "params_hash": phash, **json.loads(args.tags)}
+            "dataset": task.dataset, "params_hash": phash, "world_size": d.world_size,
+            **json.loads(args.tags)}
+    # Rank 0 alone talks to MLflow and writes results; the others train beside it.
+    run = (tracking.start_run(args.tracking_uri, args.study, args.name, tags,
+                              {"run": dataclasses.asdict(cfg), "study": args.study,
+                               "name": args.name, "scale": args.scale,
+                               "world_size": d.world_size},
+                              args.artifacts, run_id=run_id,
+                              batch_size=args.tracking_batch_size)
+           if d.is_main else nullcontext(tracking.NullRun()))
     try:
-        with tracking.start_run(args.tracking_uri, args.study, args.name, tags,
-                                {"run": dataclasses.asdict(cfg), "study": args.study,
-                                 "name": args.name, "scale": args.scale},
-                                args.artifacts, run_id=run_id,
-                                batch_size=args.tracking_batch_size) as tracker:
+        with run as tracker:
             out = Path(args.out)
             results = train(cfg, task, tracker, checkpoint,
-                            log=lambda msg: print(msg, flush=True), resume=resume,
-                            weights=out / "model.pt")
+                            log=(lambda msg: print(msg, flush=True)) if d.is_main
+                            else (lambda msg: None), resume=resume,
+                            weights=out / "model.pt", rank=d.rank, world_size=d.world_size)
             results.update(study=args.study, name=args.name, scale=args.scale,
                            params_hash=phash, mlflow_run_id=tracker.run_id,
-                           tracking_s=M.store_seconds())
-            write_csv(pd.DataFrame(results.pop("curves")), out / "curves.csv")
-            write_json(results, out / "metrics.json")
-            tracker.log_artifact(out / "metrics.json")
-            tracker.log_artifact(out / "curves.csv")
+                           world_size=d.world_size, tracking_s=M.store_seconds())
+            if d.is_main:
+                write_csv(pd.DataFrame(results.pop("curves")), out / "curves.csv")
+                write_json(results, out / "metrics.json")
+                tracker.log_artifact(out / "metrics.json")
+                tracker.log_artifact(out / "curves.csv")
+        distributed.barrier(d)  # every rank has finished with the checkpoint
         # The run has concluded: its checkpoint only served an interrupted job, and must not
         # turn a later forced rerun (say, after a code change) into a no-op resume.
-        shutil.rmtree(checkpoint.parent, ignore_errors=True)
+        if d.is_main:
+            shutil.rmtree(checkpoint.parent, ignore_errors=True)
     finally:  # <checkpoints>/<study>/<name>/<hash>/ and above, where nothing was saved
-        prune_empty_dirs(checkpoint.parent, levels=4)
+        if d.is_main:
+            prune_empty_dirs(checkpoint.parent, levels=4)
+        distributed.shutdown(d)
+    if not d.is_main:
+        return 0
     print(f"{args.study}/{args.name}: {results['status']} {results['reason']} best "
           f"{results['primary_metric']} {results['best']}")
     return 0

@@ -218,8 +218,9 @@ def _tracking_seconds(results: Path | None, patterns: list[str]) -> float | None
 
 def runtime(bench: Path, threads: dict[str, int], results: Path | None = None) -> pd.DataFrame:
     """Job-seconds per study: the `s` column of each benchmarks/rules/<rule>[/...].tsv,
-    times the rule's threads; and the tracking overhead: seconds in MLflow store calls
-    (``tracking_s`` in the study's results) over the study's job wall seconds."""
+    times the job's threads (``threads["<rule>/<stem>"]``, else the rule's); and the tracking
+    overhead: seconds in MLflow store calls (``tracking_s`` in the study's results) over the
+    study's job wall seconds."""
     rows = []
     files = sorted(bench.glob("*.tsv")) + sorted(bench.glob("*/*.tsv"))
     seen = set()
@@ -231,7 +232,8 @@ def runtime(bench: Path, threads: dict[str, int], results: Path | None = None) -
                 continue
             seen.add(path)
             seconds = float(pd.read_csv(path, sep="\t")["s"].iloc[-1])
-            total += seconds * threads.get(rule, 1)
+            job = f"{rule}/{path.stem}"  # a job whose rule sets threads per job (torchrun)
+            total += seconds * threads.get(job, threads.get(rule, 1))
             wall += seconds
             jobs += 1
         tracked = _tracking_seconds(results, info.get("results", []))

@@ -56,10 +56,17 @@ def download_limits():
             f" --min-rate {d['min_rate_bytes_per_s']} --rate-window {d['rate_window_s']}")
 
 
+# {"<rule>/<benchmark file stem>": threads} of the jobs whose rule sets threads per job
+# (the vision study's torchrun jobs): the run-time table counts each job's own threads.
+JOB_THREADS = {}
+
+
 def rule_threads():
-    """{rule: threads} of the rules with a fixed thread count (the run-time table)."""
-    return {r.name: r.resources["_cores"] for r in workflow.rules
-            if isinstance(r.resources.get("_cores"), int)}
+    """{rule: threads} of the rules with a fixed thread count, plus JOB_THREADS (the
+    run-time table)."""
+    threads = {r.name: r.resources["_cores"] for r in workflow.rules
+               if isinstance(r.resources.get("_cores"), int)}
+    return {**threads, **JOB_THREADS}
 
 
 def job_tags(rule, **wildcards):
@@ -67,13 +74,16 @@ def job_tags(rule, **wildcards):
 
 
 GRAPH_DATASETS = ("mutag", "chains", "cox2", "proteins", "ppi")  # pipeline/data/graphs.py layout
+IMAGEFOLDER_DATASETS = ("digits_imagefolder", "imagenet")  # a manifest of an ImageFolder tree
 
 
 def dataset_files(name):
     """The files of data/<name>, ancient(): a `dvc pull` alone must not rerun consumers.
-    Image datasets: train.npz, test.npz, meta.json; graph datasets: graphs.npz, meta.json."""
+    Image datasets: train.npz, test.npz, meta.json; graph datasets: graphs.npz, meta.json;
+    ImageFolder trees: manifest.json (written last, after the tree)."""
     root = PARAMS["data"]["root"]
     files = ("graphs.npz", "meta.json") if name in GRAPH_DATASETS else \
+        ("manifest.json",) if name in IMAGEFOLDER_DATASETS else \
         ("train.npz", "test.npz", "meta.json")
     return [ancient(f"{root}/{name}/{f}") for f in files]
 
@@ -132,6 +142,26 @@ def job_resources(study, gpu=None):
             "runtime": c["runtime_min"]}
 
 
+def train_nproc(study):
+    return lambda wc: run_config(study, wc.run).get("nproc_per_node", 1)
+
+
+def train_launcher(study):
+    """The command that starts a run: `python -m pipeline train` for one process, else
+    torchrun with nproc_per_node ranks on this node, OMP_NUM_THREADS and MKL_NUM_THREADS set
+    to each rank's share, max(1, threads // ranks) (Snakemake sets them to the job's
+    threads, and every rank would inherit that). `--threads` gets the job's threads, which
+    the entry point divides by the ranks."""
+    def launcher(wildcards, threads):
+        nproc = run_config(study, wildcards.run).get("nproc_per_node", 1)
+        if nproc == 1:
+            return "python -m pipeline train"
+        per_rank = max(1, threads // nproc)
+        return (f"OMP_NUM_THREADS={per_rank} MKL_NUM_THREADS={per_rank} torchrun --standalone"
+                f" --nproc_per_node={nproc} -m pipeline train")
+    return launcher
+
+
 TRAIN_ARGS = (
     "--study {params.study} --name {wildcards.run}"
     " --params {params.run:q} --data {params.data_dir:q} --out {params.out:q}"
@@ -139,6 +169,8 @@ TRAIN_ARGS = (
     " --tags {params.tags:q} --threads {threads} > {log} 2>&1"
 )
 TRAIN_SHELL = " ".join(["python -m pipeline train", TRAIN_ARGS])
+# The same, started by params.launcher (train_launcher): one process or torchrun.
+LAUNCHED_TRAIN_SHELL = " ".join(["{params.launcher}", TRAIN_ARGS])
 # The same flags for a run whose folds or seeds are trained in one job (IGNN's studies).
 REPEATS_SHELL = " ".join(["python -m pipeline train-repeats", TRAIN_ARGS])
 

@@ -61,6 +61,7 @@ rule validate_imagenet:
         manifest=f"{DATA_ROOT}/imagenet/manifest.json",
     params:
         root=PARAMS["data"]["imagenet"]["root"] or "",
+        checksums="--checksums" if PARAMS["data"]["imagenet"]["checksums"] else "",
     log:
         "logs/validate_imagenet.log",
     benchmark:
@@ -70,7 +71,7 @@ rule validate_imagenet:
     localrule: True  # reads only file names and a few images: not worth a cluster job
     shell:
         "python -m pipeline data imagenet --root={params.root:q}"
-        " --manifest {output.manifest:q} > {log} 2>&1"
+        " --manifest {output.manifest:q} {params.checksums} > {log} 2>&1"
 
 
 # --- graph datasets (pipeline/data/graphs.py): data/<name>/{graphs.npz, meta.json} ----------
@@ -157,3 +158,26 @@ rule download_ppi:
         "python -m pipeline data ppi --out {params.out:q} --url {params.url:q}"
         " --mirror={params.mirror:q} --archive={params.archive:q} --sha256={params.sha256:q}"
         " {params.limits} > {log} 2>&1"
+
+
+# The default scale's stand-in for ImageNet: the digits (the same split as export_digits)
+# as a 32x32 RGB ImageFolder tree, with the manifest the ImageNet loader reads.
+rule export_digits_imagefolder:
+    output:
+        train=directory(f"{DATA_ROOT}/digits_imagefolder/train"),
+        val=directory(f"{DATA_ROOT}/digits_imagefolder/val"),
+        manifest=f"{DATA_ROOT}/digits_imagefolder/manifest.json",
+    params:
+        out=subpath(output.manifest, parent=True),
+        test_fraction=PARAMS["data"]["digits"]["test_fraction"],
+        seed=PARAMS["data"]["digits"]["seed"],
+        size=PARAMS["data"]["digits_imagefolder"]["size"],
+    log:
+        "logs/export_digits_imagefolder.log",
+    benchmark:
+        "benchmarks/rules/export_digits_imagefolder.tsv"
+    conda:
+        "../../envs/pipeline.yaml"
+    shell:
+        "python -m pipeline data digits-imagefolder --out {params.out:q} --size {params.size}"
+        " --test-fraction {params.test_fraction} --seed {params.seed} > {log} 2>&1"

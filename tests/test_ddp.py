@@ -1,0 +1,192 @@
+"""Data-parallel training (pipeline.experiments.distributed) in the shared loop, on 2 gloo
+CPU processes: one DDP step equals one single-process step on the same global batch, and
+a 2-rank run resumes from its checkpoint equal to an uninterrupted one.
+
+Run: ``.venv/bin/python -m pytest tests/test_ddp.py -q`` (CPU, about a minute on 2 cores).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from pipeline import tracking as M
+from pipeline.data.digits import export_digits
+from pipeline.experiments import distributed
+from pipeline.experiments.tasks import get_task
+from pipeline.experiments.train import TrainConfig, _step, load_checkpoint, make_optimizer, \
+    make_scheduler, train
+from pipeline.tracking import NullRun
+
+B = 8  # samples per rank
+# Dropout 0 and BatchNorm in eval mode (below): per-rank dropout masks and per-rank batch
+# statistics differ from the single process by design. So does a solve's stopping: the
+# solvers stop on, and return the iterate of, the lowest batch-wide residual (MDEQ's
+# Broyden), and a rank's half batch has its own. Here the solves run a fixed budget (tol 0)
+# of fixed-point steps, whose residual falls at every step, so every solve returns its last
+# iterate, which is per sample. (With Broyden the step-1 gradients differed by ~1e-5 here.)
+STEP = {"model": {"preset": "tiny", "dropout": 0.0, "num_layers": 2}, "pretrain_steps": 0,
+        "f_solver": "fixed_point", "b_solver": "fixed_point",
+        "f_max_iter": 6, "f_tol": 0.0, "b_max_iter": 6, "b_tol": 0.0, "optimizer": "sgd",
+        "lr": 0.1, "weight_decay": 1e-4, "diagnostics_every": 2, "reference_max_iter": 30,
+        "reference_restart": 30, "timing_repeats": 1, "power_iters": 3, "memory_every": 0,
+        "diverge_loss_factor": None}
+RUN = {"epochs": 2, "max_steps_per_epoch": 3, "batch_size": B, "eval_batch_size": 100,
+       "f_max_iter": 6, "b_max_iter": 6, "pretrain_steps": 1, "model": {"num_layers": 2},
+       "checkpoint_every": 2, "diagnostics_every": 0, "optimizer": "sgd", "lr": 0.05}
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("data") / "digits"
+    export_digits(out, 0.2, 0)
+    return out
+
+
+def _task(cfg: TrainConfig, data: Path, batch_size: int):
+    return get_task(cfg.task)(cfg.model, cfg.data, data, "cpu", batch_size,
+                              cfg.eval_batch_size, cfg.seed)
+
+
+def _freeze_batchnorm(model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.eval()
+
+
+def two_steps(cfg: TrainConfig, data: Path, batch_size: int, d: distributed.Dist) -> dict:
+    """Two steps of the loop's own ``_step`` (the second with diagnostics, the no_sync
+    path): each step's row, the gradient it applied, and the parameters after both."""
+    torch.manual_seed(cfg.seed)
+    task = _task(cfg, data, batch_size)
+    model = task.build_model()
+    model.train()
+    _freeze_batchnorm(model)
+    net = distributed.wrap(model, d, "cpu")
+    opt = make_optimizer(cfg, model)
+    sched = make_scheduler(cfg, opt, 10)
+    state = {"epoch": 0, "step": 0, "memory_epoch": -1, "curves": []}
+    out = {"rows": [], "grads": []}
+    for batch in list(task.batches("train", 0, d.rank, d.world_size))[:2]:
+        row = _step(cfg, task, model, opt, sched, batch, state, cfg.diagnostics_config, net, d)
+        out["rows"].append(row)
+        out["grads"].append({n: p.grad.clone() for n, p in model.named_parameters()})
+        state["step"] += 1
+    out["params"] = {n: p.detach().clone() for n, p in model.named_parameters()}
+    return out
+
+
+def _init(rank: int, world: int, folder: Path) -> distributed.Dist:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank,
+                            world_size=world)
+    return distributed.Dist(rank, world)
+
+
+def _step_worker(rank: int, world: int, folder: Path, data: Path, params: dict) -> None:
+    d = _init(rank, world, folder)
+    try:
+        torch.save(two_steps(TrainConfig.from_params(params), data, B, d), folder / f"{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("estimator", ["upg", "implicit"])
+def test_ddp_step_equals_single_process_step(digits, tmp_path, estimator):
+    """The mean of the ranks' losses and DDP's averaged gradient on 2 x B samples equal the
+    loss and gradient of one process on those 2B samples, on a plain step and on a
+    diagnostics step (backward under no_sync, then averaged by hand)."""
+    params = {**STEP, "estimator": estimator}
+    mp.spawn(_step_worker, args=(2, tmp_path, digits, params), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"{r}.pt", weights_only=False) for r in range(2)]
+    torch.set_num_threads(1)
+    single = two_steps(TrainConfig.from_params(params), digits, 2 * B, distributed.SINGLE)
+    for step in range(2):
+        loss = single["rows"][step]["train/loss"]
+        assert ranks[0]["rows"][step]["train/loss"] == pytest.approx(loss, rel=1e-5, abs=1e-6)
+        assert ranks[1]["rows"][step]["train/loss"] == ranks[0]["rows"][step]["train/loss"]
+        assert ranks[0]["rows"][step]["train/acc"] == pytest.approx(
+            single["rows"][step]["train/acc"], abs=1e-9)
+        for name, g in single["grads"][step].items():
+            assert torch.allclose(ranks[0]["grads"][step][name], g, rtol=1e-4, atol=1e-6), \
+                (step, name, (ranks[0]["grads"][step][name] - g).abs().max().item())
+            assert torch.equal(ranks[1]["grads"][step][name], ranks[0]["grads"][step][name])
+    assert M.GRAD_COS in ranks[0]["rows"][1], "rank 0 ran the diagnostics on step 1"
+    assert M.GRAD_COS not in ranks[1]["rows"][1], "rank 1 did not"
+    for name, p in single["params"].items():
+        assert torch.allclose(ranks[0]["params"][name], p, rtol=1e-4, atol=1e-6), name
+    # The two ranks really saw different samples: each rank's loss differs from the mean.
+    assert ranks[0]["rows"][0]["train/loss"] != pytest.approx(
+        two_steps(TrainConfig.from_params(params), digits, B, distributed.SINGLE)
+        ["rows"][0]["train/loss"], rel=1e-3)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def _resume_worker(rank: int, world: int, folder: Path, data: Path, mode: str) -> None:
+    d = _init(rank, world, folder)
+    cfg = TrainConfig.from_params(RUN)
+    task = _task(cfg, data, cfg.batch_size)
+    ckpt = folder / "last.pt"
+    try:
+        if mode == "whole":
+            result = train(cfg, task, NullRun(), None, log=lambda m: None, rank=rank,
+                           world_size=world)
+        elif mode == "interrupted":
+            def log(msg):  # the end of epoch 1: its checkpoint (step 2) is the last one
+                if msg.startswith("epoch 1/"):
+                    raise Interrupt(msg)
+            try:
+                train(cfg, task, NullRun(), ckpt, log=log, rank=rank, world_size=world)
+            except Interrupt:
+                pass
+            return
+        else:
+            result = train(cfg, task, NullRun(), ckpt, log=lambda m: None, rank=rank,
+                           world_size=world, resume=load_checkpoint(ckpt))
+        result.pop("git_commit")
+        for key in ("time_per_epoch_s", "mean_forward_s", "mean_backward_s", "mean_step_s",
+                    "peak_memory_mb", "diagnostics"):
+            result.pop(key)
+        result["history"] = [{k: v for k, v in h.items() if k != "epoch_s"}
+                             for h in result["history"]]
+        result["curves"] = [{k: v for k, v in r.items() if not k.startswith(("time/", "memory/"))}
+                            for r in result["curves"]]
+        (folder / f"{mode}_{rank}.json").write_text(json.dumps(result, sort_keys=True))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_resume_equals_uninterrupted_run(digits, tmp_path):
+    """Dropout on and BatchNorm in training mode: the ranks draw their own masks, and the
+    resumed run matches only because every rank's RNG state came back from the checkpoint."""
+    for mode in ("whole", "interrupted", "resumed"):
+        folder = tmp_path / mode if mode == "whole" else tmp_path / "run"
+        folder.mkdir(exist_ok=True)
+        (folder / "rendezvous").unlink(missing_ok=True)
+        mp.spawn(_resume_worker, args=(2, folder, digits, mode), nprocs=2, join=True)
+        if mode == "interrupted":
+            ck = load_checkpoint(folder / "last.pt")
+            assert ck["state"]["step"] == 2 and len(ck["rng"]) == 2
+            assert not torch.equal(ck["rng"][0]["cpu"], ck["rng"][1]["cpu"])
+            cfg = TrainConfig.from_params(RUN)
+            with pytest.raises(ValueError, match=r"written by 2 rank\(s\); resume it with as "
+                                                 r"many, not 1"):
+                train(cfg, _task(cfg, digits, cfg.batch_size), NullRun(), folder / "last.pt",
+                      log=lambda m: None, resume=ck)
+    whole = [json.loads((tmp_path / "whole" / f"whole_{r}.json").read_text()) for r in range(2)]
+    resumed = [json.loads((tmp_path / "run" / f"resumed_{r}.json").read_text()) for r in range(2)]
+    assert whole[0]["steps"] == 6 and whole[0]["history"]
+    assert resumed[0] == whole[0]
+    assert resumed[1] == whole[1] == whole[0], "every rank returns the same results"
