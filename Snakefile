@@ -26,6 +26,7 @@ include: "workflow/rules/data.smk"
 include: "workflow/rules/synthetic.smk"
 include: "workflow/rules/ablations.smk"
 include: "workflow/rules/graph.smk"
+include: "workflow/rules/lm.smk"
 include: "workflow/rules/report.smk"
 
 
@@ -38,6 +39,7 @@ rule figures:
         rules.plot_synthetic.output,
         rules.report_ablations.output,
         rules.report_graph.output,
+        rules.report_lm.output,
         rules.paper_vs_ours.output,
     localrule: True
     default_target: True

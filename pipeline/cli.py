@@ -21,12 +21,13 @@ COMMANDS = {
     "synthetic": ("pipeline.experiments.synthetic", "synthetic study for one L_h (appendix §4.1, §4.4)"),
     "plot-synthetic": ("pipeline.figures.synthetic", "synthetic figures from results/synthetic"),
     "data": ("pipeline.data.cli", "download, verify and export a dataset"),
-    "train": ("pipeline.experiments.train", "train one MDEQ-Tiny ablation"),
+    "train": ("pipeline.experiments.train", "train one run of a training study"),
     "report-ablations": ("pipeline.figures.ablations", "ablation table and figures"),
     "report": ("pipeline.figures.report", "paper vs ours, deviations, run time per study"),
     "train-repeats": ("pipeline.experiments.repeats",
                       "train every fold or seed of one run in-process (IGNN)"),
     "report-graph": ("pipeline.figures.graph", "IGNN tables and figures"),
+    "report-lm": ("pipeline.figures.lm", "DEQ-Transformer table and figures"),
 }
 
 

@@ -152,3 +152,15 @@ def test_bad_configs_are_refused_naming_the_value():
         DEQTransformerConfig.from_params({"d_modle": 3}, n_token=100)
     with pytest.raises(ValueError, match="model preset 'huge'"):
         DEQTransformerConfig.from_params({"preset": "huge"}, n_token=100)
+
+
+def test_training_mode_F_is_one_fixed_map_with_this_forwards_dropout():
+    """Variational dropout (hidden and attention): two calls of one forward's F agree, so
+    the solver sees a fixed map; a new forward draws new masks."""
+    model = small_model(dropout=0.3, dropatt=0.2).train()
+    tokens = torch.randint(0, SMALL["n_token"], (2, SMALL["tgt_len"]))
+    func, h0, _, _ = model.problem(tokens, model.init_memory(2))
+    h = torch.randn_like(h0)
+    assert torch.equal(func(h), func(h))
+    other, _, _, _ = model.problem(tokens, model.init_memory(2))
+    assert not torch.allclose(other(h), func(h))

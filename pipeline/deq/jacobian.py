@@ -79,6 +79,10 @@ class JacobianRegConfig:
         """The draws of step ``step``: the same on a resumed run."""
         return torch.Generator().manual_seed(self.seed * 1_000_003 + step)
 
+    def vector_generator(self, step: int) -> torch.Generator:
+        """The Hutchinson vectors of step ``step`` (a stream apart from ``generator``)."""
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + step + 7_919 * 1_000_003)
+
     def applies(self, step: int, pretraining: bool) -> bool:
         """Whether training step ``step`` adds the penalty: never in pretraining, else with
         probability ``freq`` (seeded by the step)."""

@@ -46,7 +46,8 @@ from pathlib import Path
 import torch
 
 from pipeline import tracking as M
-from pipeline.deq import EstimatorConfig, SolverConfig, record_layers
+from pipeline.deq import (EstimatorConfig, JacobianRegConfig, SolverConfig, jacobian_penalty,
+                          record_layers, spectral_radius)
 from pipeline.experiments.diagnostics import (DiagnosticsConfig, clock, diagnose, rng_state,
                                               set_rng_state)
 from pipeline.experiments.tasks import get_task
@@ -54,6 +55,9 @@ from pipeline.memory import peak_memory
 from pipeline.progress import progress
 
 Tensor = torch.Tensor
+
+
+JR_OFF = {"weight": 0.0, "freq": 0.0, "incr": 0.0, "incr_every": 0, "samples": 1}
 
 
 @dataclass(frozen=True)
@@ -113,6 +117,10 @@ class TrainConfig:
     diverge_loss_window: int = 10            # early loss: mean of the first N steps
     diverge_capped_epochs: int | None = None  # forward solve at its cap for N+1 epochs in a
                                               # row, residual grown 10x: divergence (None: off)
+    # Jacobian regularization (pipeline.deq.jacobian): weight, freq, incr, incr_every, samples
+    jacobian_reg: dict = field(default_factory=lambda: dict(JR_OFF))
+    adaptive_lam_every: int = 0              # lam = 1/rho(dF/dh), clipped to (0, 1], refreshed
+                                             # every N estimator steps (0: the fixed lam)
 
     @classmethod
     def from_params(cls, params: dict) -> "TrainConfig":
@@ -122,7 +130,15 @@ class TrainConfig:
             raise ValueError(f"unknown run keys {unknown}; valid keys: {sorted(names)}")
         cfg = cls(**params)
         get_task(cfg.task)
+        cfg.jacobian_reg_config  # validates the block
         return cfg
+
+    @property
+    def jacobian_reg_config(self) -> JacobianRegConfig:
+        unknown = sorted(set(self.jacobian_reg) - set(JR_OFF))
+        if unknown:
+            raise ValueError(f"unknown jacobian_reg keys {unknown}; valid keys: {sorted(JR_OFF)}")
+        return JacobianRegConfig(**{**JR_OFF, **self.jacobian_reg}, seed=self.seed)
 
     @property
     def forward_solver(self) -> SolverConfig:
@@ -299,6 +315,8 @@ def train(cfg: TrainConfig, task, tracker, checkpoint: Path | None = None, log=p
         sched.load_state_dict(ck["scheduler"])
         set_rng_state(ck["rng"][rank])
         state = ck["state"]
+        if "task" in state:  # a task's own state across steps (segment memory)
+            task.load_state_dict(state["task"])
         # Rows are logged right after each checkpoint; a kill in between leaves MLflow
         # behind the checkpoint. Ask what it has, and log the rest once.
         last_row = tracker.last_step(M.TRAIN_LOSS)
@@ -319,6 +337,8 @@ def train(cfg: TrainConfig, task, tracker, checkpoint: Path | None = None, log=p
     status, reason = "finished", ""
 
     def save() -> None:
+        if hasattr(task, "state_dict"):
+            state["task"] = task.state_dict()
         if checkpoint is not None:
             save_checkpoint(checkpoint, model, opt, sched, state, tracker.run_id, cfg.device)
         _flush(tracker, state, metric)
@@ -351,8 +371,10 @@ def train(cfg: TrainConfig, task, tracker, checkpoint: Path | None = None, log=p
                 state["curves"].append({"step": state["step"], **row})
                 state["step"] += 1
                 state["step_in_epoch"] += 1
-                if cfg.eval_every and state["step"] % cfg.eval_every == 0:
-                    evaluate(None)
+                epoch_ends = (state["step"] == total_steps
+                              or state["step_in_epoch"] == steps_per_epoch)
+                if cfg.eval_every and state["step"] % cfg.eval_every == 0 and not epoch_ends:
+                    evaluate(None)  # (the epoch-end evaluation follows at the epoch's end)
                 if cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0:
                     save()
             state["epoch"], state["step_in_epoch"] = epoch + 1, 0
@@ -378,6 +400,11 @@ def _step(cfg: TrainConfig, task, model, opt, sched, batch, state: dict,
     step = state["step"]
     pretraining = step < cfg.pretrain_steps
     est = task.pretrain_estimator(model) if pretraining else cfg.estimator_config
+    if cfg.adaptive_lam_every and not pretraining:   # the lam of the last refresh
+        est = dataclasses.replace(est, lam=state.get("adaptive_lam", cfg.lam))
+        diag_cfg = dataclasses.replace(diag_cfg, estimator=est, lam=est.lam)
+    jr = cfg.jacobian_reg_config
+    jr_now = jr.applies(step, pretraining)
     # after every `diagnostics_every` steps (not at the initialisation, where the reference
     # costs the most and tells the least)
     diagnose_now = bool(cfg.diagnostics_every) and (step + 1) % cfg.diagnostics_every == 0 \
@@ -409,6 +436,15 @@ def _step(cfg: TrainConfig, task, model, opt, sched, batch, state: dict,
         if not pretraining and residual > cfg.diverge_residual:
             raise Divergence(f"forward residual {residual:.3g} > {cfg.diverge_residual:g} at "
                              f"step {step}")
+        jr_row, jr_s = {M.JR_WEIGHT: jr.weight_at(step) if jr_now else 0.0}, 0.0
+        if jr_now:  # Jacobian regularization at the recorded h* (JR paper; appendix §4.3)
+            j0 = clock(cfg.device)
+            penalty = jacobian_penalty(layers, jr.samples, jr.vector_generator(step))
+            jr_row[M.JR_VALUE] = penalty.item()
+            if not math.isfinite(jr_row[M.JR_VALUE]):
+                raise Divergence(f"non-finite Jacobian penalty at step {step}")
+            loss = loss + jr_row[M.JR_WEIGHT] * penalty
+            jr_s = clock(cfg.device) - j0     # the penalty's forward counts as forward time
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip:
@@ -416,7 +452,12 @@ def _step(cfg: TrainConfig, task, model, opt, sched, batch, state: dict,
         t2 = clock(cfg.device)
     row = {M.TRAIN_LOSS: value, **{M.train_metric(k): v for k, v in metrics.items()},
            M.PRETRAINING: float(pretraining), M.SOLVER_NSTEPS: nsteps,
-           M.SOLVER_REL_RESIDUAL: residual, **_layer_rows(layers, cfg.f_stop_mode)}
+           M.SOLVER_REL_RESIDUAL: residual, **_layer_rows(layers, cfg.f_stop_mode), **jr_row}
+    if not pretraining:
+        row[M.TRAIN_LAM] = est.lam
+    if cfg.adaptive_lam_every and not pretraining \
+            and (step - cfg.pretrain_steps) % cfg.adaptive_lam_every == 0:
+        state["adaptive_lam"] = adaptive_lam(layers, cfg, step)
     if diagnose_now:
         d0 = time.perf_counter()
         row.update(diagnose(model, task.loss, batch, layers, rng, diag_cfg, step))
@@ -432,9 +473,21 @@ def _step(cfg: TrainConfig, task, model, opt, sched, batch, state: dict,
         row["_train_s"] = 0.0
     else:
         row["_train_s"] = (t2 - t0) + (t4 - t3)
-        row.update({M.TIME_FORWARD: t1 - t0, M.TIME_BACKWARD: t2 - t1,
+        row.update({M.TIME_FORWARD: t1 - t0 + jr_s, M.TIME_BACKWARD: t2 - t1 - jr_s,
                     M.TIME_STEP: (t2 - t0) + (t4 - t3)})
+        if hasattr(task, "batch_tokens"):
+            row[M.TOKENS_PER_S] = task.batch_tokens(batch) / row[M.TIME_STEP]
     return row
+
+
+def adaptive_lam(layers, cfg: TrainConfig, step: int) -> float:
+    """lam = 1 / rho(dF/dh) at this step's h*, clipped to (0, 1] (appendix §4.3: NPG on
+    PostLN trains with this damping). rho is the power method's, the largest over samples
+    and layers, seeded by the step; the new lam is used from the next step on."""
+    gen = torch.Generator(device=layers[0].h_star.device).manual_seed(cfg.seed * 1_000_003 + step)
+    rho = max(spectral_radius(r.func, r.h_star, 1.0, cfg.power_iters, gen, cfg.power_tol)
+              .rho.max().item() for r in layers)
+    return min(1.0, 1.0 / rho) if rho > 0 else 1.0
 
 
 def _early_loss(cfg: TrainConfig, state: dict) -> float | None:
@@ -514,6 +567,8 @@ def _results(cfg: TrainConfig, task, state: dict, status: str, reason: str, n_pa
                                                         for r in diags]),
             "median_diagnostics_s": _median([r[M.TIME_DIAGNOSTICS] for r in diags]),
         },
+        "jacobian_reg": cfg.jacobian_reg, "adaptive_lam_every": cfg.adaptive_lam_every,
+        **(task.summary(hist) if hasattr(task, "summary") else {}),  # a task's own keys
         "history": hist, "curves": state["curves"],
     }
 

@@ -17,7 +17,8 @@ Segment memory, as the official code: the memory of a segment is the last ``mem_
 positions of [z_mem; h*] and of [u_mem; u] (the fixed points and the injections that made
 them), detached. Every linear map of F and the injection is weight-normed (g, v), dropout
 is variational (one mask per forward, shared by every position and every iteration of F,
-so F stays one fixed map for the solver). PostLN (the official default: LayerNorm after
+so F stays one fixed map for the solver; the attention-probability dropout too, one mask
+per forward, where the official code draws a new one on every F call). PostLN (the official default: LayerNorm after
 each residual sum) and PreLN (LayerNorm on each block's input; then a final LayerNorm on
 h* before the softmax, a choice: the official PreLN script's output norm is not in our
 sources) are one flag apart (``pre_ln``).
@@ -201,9 +202,8 @@ class Layer(nn.Module):
         bd = rel_shift(torch.einsum("bind,jnd->bnij", wq + self.r_r_bias, rk))
         scores = (ac + bd) * self.scale
         future = torch.ones(q, k, dtype=torch.bool, device=h.device).triu(1 + m)
-        probs = torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1)
-        if self.training and cfg.dropatt:
-            probs = Fn.dropout(probs, cfg.dropatt)
+        probs = _drop(torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1),
+                      masks.get("attn_probs"))
         out = _drop(self.o_net(torch.einsum("bnij,bjnd->bind", probs, wv).reshape(b, q, nh * dh)),
                     masks.get("attn"))
         return out + h if cfg.pre_ln else self.ln_attn(out + h)
@@ -365,6 +365,10 @@ class DEQTransformer(nn.Module):
         masks = {name: variational_mask(emb, width, cfg.dropout, self.training)
                  for name, width in (("attn", cfg.d_model), ("ff1", cfg.d_inner),
                                      ("ff2", cfg.d_model))}
+        if self.training and cfg.dropatt:  # one attention-dropout mask per forward, too
+            b, q = tokens.shape
+            masks["attn_probs"] = (torch.rand(b, cfg.n_head, q, k, device=tokens.device)
+                                   >= cfg.dropatt).to(emb.dtype) / (1.0 - cfg.dropatt)
         if self.training and cfg.dropout:
             pos = Fn.dropout(pos, cfg.dropout)
         out_mask = variational_mask(emb, cfg.d_model, cfg.dropout, self.training)

@@ -67,14 +67,20 @@ def job_tags(rule, **wildcards):
 
 
 GRAPH_DATASETS = ("mutag", "chains", "cox2", "proteins", "ppi")  # pipeline/data/graphs.py layout
+LM_DATASETS = ("wiki_excerpt", "wikitext103")  # pipeline/data/wikitext.py layout
 
 
 def dataset_files(name):
     """The files of data/<name>, ancient(): a `dvc pull` alone must not rerun consumers.
-    Image datasets: train.npz, test.npz, meta.json; graph datasets: graphs.npz, meta.json."""
+    Image datasets: train.npz, test.npz, meta.json; graph datasets: graphs.npz, meta.json;
+    corpora: train/valid/test.npz, vocab.txt, meta.json."""
     root = PARAMS["data"]["root"]
-    files = ("graphs.npz", "meta.json") if name in GRAPH_DATASETS else \
-        ("train.npz", "test.npz", "meta.json")
+    if name in LM_DATASETS:
+        files = ("train.npz", "valid.npz", "test.npz", "vocab.txt", "meta.json")
+    elif name in GRAPH_DATASETS:
+        files = ("graphs.npz", "meta.json")
+    else:
+        files = ("train.npz", "test.npz", "meta.json")
     return [ancient(f"{root}/{name}/{f}") for f in files]
 
 
@@ -116,8 +122,9 @@ def train_params(study, rule):
     }
 
 
-def train_gpu(study):
-    return lambda wc: int(run_config(study, wc.run)["device"].startswith("cuda"))
+def train_gpu(study, gpus=1):
+    """The `gpu` resource of a run: ``gpus`` on a CUDA device, 0 on the CPU."""
+    return lambda wc: gpus * int(run_config(study, wc.run)["device"].startswith("cuda"))
 
 
 TRAIN_ARGS = (

@@ -10,6 +10,7 @@ rule paper_vs_ours:
         synthetic=rules.plot_synthetic.output,
         ablations=rules.report_ablations.output,
         graph=rules.report_graph.output,
+        lm=rules.report_lm.output,
         reference=REFERENCE,
     output:
         table_csv="figures/report/paper_vs_ours.csv",
