@@ -229,5 +229,5 @@ def test_lm_study_records_every_run_and_a_row_per_claim(workflow):
     table = (workflow / "figures/lm/lm_table.md").read_text()
     assert set(params["lm"]["runs"]) <= set(re.findall(r"^\| (\w+)\s", table, re.M))
     summary = json.loads((workflow / "figures/lm/lm_metrics.json").read_text())
-    assert len(summary["claims"]) == 7
+    assert len(summary["claims"]) == 8
     assert set(summary["claims"].values()) <= {"reproduced", "not reproduced at this scale"}

@@ -29,6 +29,15 @@ a forward solve at its cap for that many epochs + 1, its residual grown 10x) sto
 with the reason, ``metrics.json`` says ``"status": "failed"``, and the job still exits 0:
 a divergence is a result (the paper reports failing runs), which the workflow's
 ``onsuccess`` handler and the study's table name.
+
+Options any study can set: ``jacobian_reg`` adds the Jacobian penalty of
+:mod:`pipeline.deq.jacobian` at the step's recorded h* on its seeded steps (its forward
+counted as forward time); ``adaptive_lam_every`` sets the estimator's lambda to
+1/rho(dF/dh) (power method at h*, clipped to (0, 1]) every N estimator steps, used from
+the next step on and kept in the checkpoint. A task with ``state_dict`` /
+``load_state_dict`` (the lm task's segment memory) has that state checkpointed with the
+loop's; one with ``batch_tokens`` gets ``time/tokens_per_s``; one with ``summary`` adds
+its own keys to the results.
 """
 from __future__ import annotations
 
@@ -455,9 +464,12 @@ def _step(cfg: TrainConfig, task, model, opt, sched, batch, state: dict,
            M.SOLVER_REL_RESIDUAL: residual, **_layer_rows(layers, cfg.f_stop_mode), **jr_row}
     if not pretraining:
         row[M.TRAIN_LAM] = est.lam
+    lam_s = 0.0
     if cfg.adaptive_lam_every and not pretraining \
             and (step - cfg.pretrain_steps) % cfg.adaptive_lam_every == 0:
+        a0 = clock(cfg.device)
         state["adaptive_lam"] = adaptive_lam(layers, cfg, step)
+        lam_s = clock(cfg.device) - a0        # a cost of training: part of the step's time
     if diagnose_now:
         d0 = time.perf_counter()
         row.update(diagnose(model, task.loss, batch, layers, rng, diag_cfg, step))
@@ -472,9 +484,9 @@ def _step(cfg: TrainConfig, task, model, opt, sched, batch, state: dict,
         row[M.MEMORY_STEP_PEAK] = mem.peak_mb
         row["_train_s"] = 0.0
     else:
-        row["_train_s"] = (t2 - t0) + (t4 - t3)
+        row["_train_s"] = (t2 - t0) + (t4 - t3) + lam_s
         row.update({M.TIME_FORWARD: t1 - t0 + jr_s, M.TIME_BACKWARD: t2 - t1 - jr_s,
-                    M.TIME_STEP: (t2 - t0) + (t4 - t3)})
+                    M.TIME_STEP: row["_train_s"]})
         if hasattr(task, "batch_tokens"):
             row[M.TOKENS_PER_S] = task.batch_tokens(batch) / row[M.TIME_STEP]
     return row
