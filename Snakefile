@@ -27,6 +27,7 @@ include: "workflow/rules/synthetic.smk"
 include: "workflow/rules/ablations.smk"
 include: "workflow/rules/graph.smk"
 include: "workflow/rules/vision.smk"
+include: "workflow/rules/lm.smk"
 include: "workflow/rules/report.smk"
 
 
@@ -40,6 +41,7 @@ rule figures:
         rules.report_ablations.output,
         rules.report_graph.output,
         rules.report_vision.output,
+        rules.report_lm.output,
         rules.paper_vs_ours.output,
     localrule: True
     default_target: True

@@ -694,18 +694,22 @@ def main(argv=None) -> list[dict]:
 
 
 def _ignn(argv) -> list[dict]:
-    """``--config ignn_graph|ignn_ppi``: IGNN's layers instead of MDEQ-Tiny's (benchmarks/ignn.py)."""
-    from benchmarks import ignn
-    p = argparse.ArgumentParser(description=ignn.__doc__.split("\n\n")[0])
-    p.add_argument("--config", required=True, choices=sorted(ignn.CONFIGS))
-    p.add_argument("--quick", action="store_true", help="smoke run: a few small graphs")
+    """``--config ignn_graph|ignn_ppi|deq_transformer``: IGNN's layers (benchmarks/ignn.py)
+    or the DEQ-Transformer (benchmarks/deq_transformer.py) instead of MDEQ-Tiny's."""
+    from benchmarks import deq_transformer, ignn
+    modules = {**{name: ignn for name in ignn.CONFIGS}, "deq_transformer": deq_transformer}
+    p = argparse.ArgumentParser(description="backward benchmark of another implicit model")
+    p.add_argument("--config", required=True, choices=sorted(modules))
+    p.add_argument("--quick", action="store_true", help="smoke run: a small shape")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats (5)")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-csv", type=Path, default=Path("results/benchmarks/backward.csv"),
                    help="default: results/benchmarks/<config>.csv")
-    ignn.add_arguments(p)
-    return ignn.main(p.parse_args(argv))
+    known, _ = p.parse_known_args(argv)
+    module = modules[known.config]
+    module.add_arguments(p)
+    return module.main(p.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ COMMANDS = {
                       "train every fold or seed of one run in-process (IGNN)"),
     "report-graph": ("pipeline.figures.graph", "IGNN tables and figures"),
     "report-vision": ("pipeline.figures.vision", "large-scale vision table and figure"),
+    "report-lm": ("pipeline.figures.lm", "DEQ-Transformer table and figures"),
 }
 
 

@@ -128,7 +128,7 @@ def _check_data_root(data: dict, project: Path) -> None:
 
 
 # Top-level blocks that are training studies: {defaults, runs}, one job per run.
-TRAIN_STUDIES = ("ablations", "graph", "node", "vision")
+TRAIN_STUDIES = ("ablations", "graph", "node", "vision", "lm")
 
 
 def deep_merge(base: dict, override: dict) -> dict:

@@ -76,6 +76,11 @@ RHO_LAMBDA_ITERS = "spectral/rho_lambda_iters"
 RHO_LAMBDA_SETTLED = "spectral/rho_lambda_settled"
 RHO_CHANGE = "spectral/rho_change"         # the last power step's largest relative change
 RHO_LAMBDA_CHANGE = "spectral/rho_lambda_change"
+# Jacobian regularization (pipeline.deq.jacobian) and adaptive damping, per training step
+JR_VALUE = "train/jr_value"                # Hutchinson ||dF/dh||_F^2 / numel at h* (steps it applies)
+JR_WEIGHT = "train/jr_weight"              # the penalty's weight at this step (0 where it does not apply)
+TRAIN_LAM = "train/lam"                    # the damping the estimator used (adaptive: 1/rho(dF/dh))
+TOKENS_PER_S = "time/tokens_per_s"         # language modelling: target tokens / step time
 # Synthetic study (pipeline.experiments.synthetic). A quantity measured for several methods
 # carries the method as a suffix, method_metric(GRAD_COS, "broyden") = "grad/cos_sim/broyden":
 # curves over k for the (k, lambda) grid (methods upg_lam0.5, npg_lam1, ...), over backward

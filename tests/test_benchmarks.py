@@ -104,3 +104,25 @@ def test_quick_run_times_a_ddp_step_two_ranks_over_one(quick_run):
     assert one > 0 and two > 0
     assert float(ddp[0]["ratio_2ranks_over_1"]) == pytest.approx(two / one, rel=1e-4)
     assert ddp[0]["batch_per_rank"] == "4" and "ddp.csv" in stdout
+
+
+def test_deq_transformer_config_runs_every_case(tmp_path):
+    """``--config deq_transformer --quick``: a 62K-parameter model on random ids; every
+    case timed and measured, the ratios against implicit + JR written, the summary
+    printed. About 10-25 s on 2 cores."""
+    out = tmp_path / "deq_transformer.csv"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.backward", "--config",
+                           "deq_transformer", "--quick", "--threads", "1", "--out-csv", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(out, newline="") as fh:
+        rows = {r["case"]: r for r in csv.DictReader(fh)}
+    assert set(rows) == {"implicit_jr", "implicit", "upg_jr_f14", "upg_jr_f20", "upg_f14", "npg"}
+    for r in rows.values():
+        for col in ("forward_s", "backward_s", "step_s", "peak_mem_mb"):
+            assert float(r[col]) > 0, (r["case"], col)
+    assert float(rows["implicit_jr"]["step_ratio_implicit_jr_over_this"]) == 1.0
+    # the JR penalty keeps its graph for the backward: more tensor memory, never less
+    assert float(rows["upg_jr_f14"]["peak_mem_mb"]) > float(rows["upg_f14"]["peak_mem_mb"])
+    assert int(rows["upg_jr_f20"]["f_thres"]) == 20 and rows["npg"]["jr_weight"] == "0.0"
+    assert "implicit + JR 2.0 / upg_jr_f14" in proc.stdout and "peak memory JR on / off" in proc.stdout

@@ -388,3 +388,19 @@ def test_a_run_key_is_named_where_it_was_written(raw):
     params["ablations"]["defaults"]["model"]["dropout"] = 1.5
     message = _rejects(params, "ablations.defaults.model.dropout")
     assert "runs." not in message, message
+
+
+@pytest.mark.parametrize("dotted, bad", [
+    ("lm.runs.postln_upg_jr_f14.jacobian_reg.freq", 1.5),
+    ("lm.runs.postln_upg_jr_f14.jacobian_reg.wieght", 0.1),
+    ("lm.runs.postln_npg_adaptive.adaptive_lam_every", -1),
+    ("lm.defaults.model.preset", "huge"),
+    ("lm.defaults.data.dataset", "digits"),
+    ("data.wikitext103.sha256", "242ba0f2"),
+])
+def test_bad_lm_values_name_their_key(raw, dotted, bad):
+    """The lm study's values are checked before any job starts, naming the key."""
+    params = copy.deepcopy(raw)
+    *parents, leaf = dotted.split(".")
+    _get(params, ".".join(parents))[leaf] = bad
+    _rejects(params, ".".join(parents[:3]) if parents[0] == "lm" else "data.wikitext103", leaf)

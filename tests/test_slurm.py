@@ -18,8 +18,10 @@ pytest.importorskip("snakemake_executor_plugin_slurm",
 
 # rule -> the study whose cluster: entry and runs give its resources
 STUDY_RULES = {"synthetic_study": "synthetic", "train_ablation": "ablations",
-               "train_graph": "graph", "train_node": "node", "train_vision": "vision"}
+               "train_graph": "graph", "train_node": "node", "train_vision": "vision",
+               "train_lm": "lm"}
 PAPER_DATA = {"cifar10": ("train.npz", "test.npz", "meta.json"),
+              "wikitext103": ("train.npz", "valid.npz", "test.npz", "vocab.txt", "meta.json"),
               **{name: ("graphs.npz", "meta.json") for name in ("cox2", "proteins", "ppi")}}
 
 
@@ -92,7 +94,7 @@ def test_paper_dag_through_the_slurm_plugin(tmp_path, repo_root, venv_bin):
             assert got == {"gpus": None, "cpus_per_gpu": None, "cpus_per_task": "1",
                            "mem": "8000", "time": "60"}, (comment, line)
     assert checked == len(params["synthetic"]["Lh"]) + sum(
-        len(params[s]["runs"]) for s in ("ablations", "graph", "node", "vision"))
+        len(params[s]["runs"]) for s in ("ablations", "graph", "node", "vision", "lm"))
     assert "--gpus=1" in " ".join(submitted["rule_train_ablation_wildcards_mdeq"])
     assert {_flag(a, "--gpus") for c, a in submitted.items() if "train_vision" in c} == {"4", "8"}
     status = fake_slurm.calls(tmp_path / "slurm", "sacct") + fake_slurm.calls(tmp_path / "slurm", "squeue")

@@ -29,7 +29,9 @@ FIGURES = [f"synthetic/synthetic_{name}" for name in (
     f"graph/graph_{name}" for name in ("table.csv", "table.md", "folds.png", "folds.pdf",
                                        "f1.png", "f1.pdf", "dynamics.png", "dynamics.pdf")] + [
     f"vision/vision_{name}" for name in ("table.csv", "table.md", "training.png",
-                                         "training.pdf", "caption.rst", "metrics.json")]
+                                         "training.pdf", "caption.rst", "metrics.json")] + [
+    f"lm/lm_{name}" for name in ("table.csv", "table.md", "ppl_time.png", "ppl_time.pdf",
+                                 "rho.png", "rho.pdf", "caption.rst", "metrics.json")]
 
 
 from conftest import snakemake  # noqa: E402  (the `workflow` fixture is in conftest.py)
@@ -235,6 +237,11 @@ def test_paper_scale_dry_run_lists_every_ablation(workflow, venv_bin):
     # method x protocol (graphs), per dataset x method (PPI, both protocols from one run)
     assert jobs["download_tu"] == 2 and jobs["download_ppi"] == 1
     assert jobs["train_graph"] == 2 * 2 * 2 and jobs["train_node"] == 2
+    # DEQ-Transformer: WikiText-103, every run on 4 GPUs
+    assert jobs["download_wikitext103"] == 1 and jobs["train_lm"] == len(params["lm"]["runs"])
+    lm_jobs = re.findall(r"rule train_lm:.*?resources: ([^\n]*)", proc.stdout + proc.stderr,
+                         flags=re.S)
+    assert len(lm_jobs) == len(params["lm"]["runs"]) and all("gpu=4" in r for r in lm_jobs)
     graph = subprocess.run([str(venv_bin / "snakemake"), "-n", "graph", "--config", "scale=paper"],
                            cwd=workflow, capture_output=True, text=True)
     assert graph.returncode == 0, graph.stderr[-3000:]
@@ -251,3 +258,23 @@ def test_paper_scale_dry_run_lists_every_ablation(workflow, venv_bin):
         block = vision.stdout.split(f"wildcards: run={name}\n")[1].split("\n\n")[0]
         assert f"gpu={run['nproc_per_node']}" in block, (name, block)
         assert f"torchrun --standalone --nproc_per_node={run['nproc_per_node']}" in block, block
+
+
+def test_lm_study_records_every_run_and_a_row_per_claim(workflow):
+    """Each DEQ-Transformer run ends finished (with a test perplexity) or failed (with its
+    reason); the table names every run and gives each claim a status."""
+    params = yaml.safe_load((workflow / "params.yaml").read_text())
+    for name in params["lm"]["runs"]:
+        metrics = json.loads((workflow / f"results/lm/{name}/metrics.json").read_text())
+        assert metrics["task"] == "lm" and metrics["steps"] >= 1, name
+        if metrics["status"] == "failed":
+            assert metrics["reason"], name
+        else:
+            assert metrics["status"] == "finished" and metrics["test_ppl"] > 1, name
+        curves = pd.read_csv(workflow / f"results/lm/{name}/curves.csv")
+        assert {"train/ppl", "train/jr_weight", "time/tokens_per_s"} <= set(curves.columns)
+    table = (workflow / "figures/lm/lm_table.md").read_text()
+    assert set(params["lm"]["runs"]) <= set(re.findall(r"^\| (\w+)\s", table, re.M))
+    summary = json.loads((workflow / "figures/lm/lm_metrics.json").read_text())
+    assert len(summary["claims"]) == 8
+    assert set(summary["claims"].values()) <= {"reproduced", "not reproduced at this scale"}

@@ -10,7 +10,9 @@ Every image dataset is exported to ``data/<name>/{train.npz, test.npz, meta.json
 
 Modules, one per dataset, all downloading through :mod:`pipeline.data.download`:
 ``digits`` (embedded default, offline), ``cifar10`` (official archive, md5-checked),
-``imagenet`` (user-provided ImageFolder tree, validated; manifest only).
+``imagenet`` (user-provided ImageFolder tree, validated; manifest only), ``graphs``
+(TU, PPI, MUTAG, chains) and ``wikitext`` (WikiText-103, and gensim's Wikipedia excerpt
+as the offline language-modelling default).
 The command line is ``python -m pipeline data {digits,cifar10,imagenet} ...``.
 """
 from .download import DataError, extract_archive, fetch

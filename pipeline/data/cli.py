@@ -12,6 +12,9 @@
         [--mirror URL] [--archive PATH] [limits]
     python -m pipeline data ppi      --out data/ppi --url URL [--sha256 HEX] [--mirror URL] \
         [--archive PATH] [limits]
+    python -m pipeline data wiki_excerpt --out data/wiki_excerpt   (gensim's excerpt, offline)
+    python -m pipeline data wikitext103  --out data/wikitext103 --url URL --sha256 HEX \
+        [--mirror URL] [--archive PATH] [--no-expect] [limits]
 
 A :class:`~pipeline.data.download.DataError` ends the command with exit status 1
 and its message (what went wrong and what to do), without a traceback. Before it
@@ -47,7 +50,7 @@ def sha256_hex(text: str) -> str:
 def add_arguments(parser) -> None:
     sub = parser.add_subparsers(dest="dataset", required=True,
                                 metavar="{digits,digits-imagefolder,cifar10,imagenet,mutag,chains,tu,"
-                                        "ppi}")
+                                        "ppi,wiki_excerpt,wikitext103}")
 
     p = sub.add_parser("digits", help="export scikit-learn's digits (offline, the default)")
     p.add_argument("--out", required=True, help="output folder, e.g. data/digits")
@@ -90,6 +93,25 @@ def add_arguments(parser) -> None:
                        help="skip the checks of the official counts, which otherwise apply "
                             "when --url is the official URL")
         add_limit_arguments(p)
+
+    p = sub.add_parser("wiki_excerpt", help="export gensim's Wikipedia excerpt as a WikiText "
+                       "corpus (offline, the lm default)")
+    p.add_argument("--out", required=True, help="output folder, e.g. data/wiki_excerpt")
+    p.add_argument("--split", type=int, nargs=3, default=[95, 5, 6],
+                   metavar=("TRAIN", "VALID", "TEST"), help="articles per split, in file order")
+    p.add_argument("--min-count", type=int, default=3,
+                   help="training words seen fewer times become <unk>")
+
+    p = sub.add_parser("wikitext103", help="download, verify and export WikiText-103")
+    p.add_argument("--out", required=True, help="output folder, e.g. data/wikitext103")
+    p.add_argument("--url", required=True, help="URL of wikitext-103-v1.zip")
+    p.add_argument("--sha256", required=True, type=sha256_hex, help="sha256 of the archive")
+    p.add_argument("--mirror", default="", help="second URL, tried after --url")
+    p.add_argument("--archive", default="", help="local copy of the archive (no download)")
+    p.add_argument("--no-expect", action="store_true",
+                   help="skip the check of the official 267,735 types, which otherwise "
+                        "applies when --sha256 is the official archive's")
+    add_limit_arguments(p)
 
     p = sub.add_parser("imagenet", help="validate an ImageFolder tree, write its manifest")
     p.add_argument("--root", default="", help="folder with train/ and val/ class sub-folders")
@@ -148,6 +170,17 @@ def main(args) -> int:
                 prepare_tu(args.out, args.name, **common)
             else:
                 prepare_ppi(args.out, **common)
+        elif args.dataset == "wiki_excerpt":
+            from .wikitext import export_excerpt
+            export_excerpt(args.out, split=args.split, min_count=args.min_count)
+        elif args.dataset == "wikitext103":
+            from .wikitext import prepare_wikitext103
+            if not args.sha256:
+                raise DataError("wikitext103: --sha256 is required (the official archive's is "
+                                "pinned in params.yaml)")
+            prepare_wikitext103(args.out, url=args.url, sha256=args.sha256,
+                                mirror=args.mirror or None, archive=args.archive or None,
+                                limits=limits(args), expect=False if args.no_expect else None)
         else:
             from .imagenet import validate_imagenet
             validate_imagenet(args.root or None, args.manifest, checksums=args.checksums)

@@ -6,15 +6,16 @@ evaluates a split; it names its primary metric. The loop (:mod:`.train`) knows
 nothing else of the study. Registered now: ``image`` (MDEQ on an image dataset in
 the npz layout of :mod:`pipeline.data.layout`), ``imagefolder`` (MDEQ on an ImageFolder
 tree, ImageNet, in :mod:`.vision_tasks`), ``graph`` and ``node`` (IGNN, in
-:mod:`.graph_tasks`). A task with a ``repeats(data, seed)`` static method (folds, seeds)
-is trained once per unit by ``python -m pipeline train-repeats`` (:mod:`.repeats`).
+:mod:`.graph_tasks`), ``lm`` (the DEQ-Transformer, in :mod:`.lm_tasks`). A task with a
+``repeats(data, seed)`` static method (folds, seeds) is trained once per unit by
+``python -m pipeline train-repeats`` (:mod:`.repeats`).
 
 >>> sorted(TASKS)
-['graph', 'image', 'imagefolder', 'node']
+['graph', 'image', 'imagefolder', 'lm', 'node']
 >>> get_task("text")
 Traceback (most recent call last):
 ...
-ValueError: unknown task 'text'; valid tasks: ['graph', 'image', 'imagefolder', 'node']
+ValueError: unknown task 'text'; valid tasks: ['graph', 'image', 'imagefolder', 'lm', 'node']
 """
 from __future__ import annotations
 
@@ -206,3 +207,4 @@ def load_images(data_dir: str | Path, device: str) -> dict:
 
 from pipeline.experiments import graph_tasks as _graph_tasks  # noqa: E402,F401  (registers graph, node)
 from pipeline.experiments import vision_tasks as _vision_tasks  # noqa: E402,F401  (registers imagefolder)
+from pipeline.experiments import lm_tasks as _lm_tasks  # noqa: E402,F401  (registers lm)

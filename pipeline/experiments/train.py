@@ -29,6 +29,15 @@ a forward solve at its cap for that many epochs + 1, its residual grown 10x) sto
 with the reason, ``metrics.json`` says ``"status": "failed"``, and the job still exits 0:
 a divergence is a result (the paper reports failing runs), which the workflow's
 ``onsuccess`` handler and the study's table name.
+
+Options any study can set: ``jacobian_reg`` adds the Jacobian penalty of
+:mod:`pipeline.deq.jacobian` at the step's recorded h* on its seeded steps (its forward
+counted as forward time); ``adaptive_lam_every`` sets the estimator's lambda to
+1/rho(dF/dh) (power method at h*, clipped to (0, 1]) every N estimator steps, used from
+the next step on and kept in the checkpoint. A task with ``state_dict`` /
+``load_state_dict`` (the lm task's segment memory) has that state checkpointed with the
+loop's; one with ``batch_tokens`` gets ``time/tokens_per_s``; one with ``summary`` adds
+its own keys to the results.
 """
 from __future__ import annotations
 
@@ -46,7 +55,8 @@ from pathlib import Path
 import torch
 
 from pipeline import tracking as M
-from pipeline.deq import EstimatorConfig, SolverConfig, record_layers
+from pipeline.deq import (EstimatorConfig, JacobianRegConfig, SolverConfig, jacobian_penalty,
+                          record_layers, spectral_radius)
 from pipeline.experiments import distributed
 from pipeline.experiments.diagnostics import (DiagnosticsConfig, clock, diagnose, rng_state,
                                               set_rng_state)
@@ -55,6 +65,9 @@ from pipeline.memory import peak_memory
 from pipeline.progress import progress
 
 Tensor = torch.Tensor
+
+
+JR_OFF = {"weight": 0.0, "freq": 0.0, "incr": 0.0, "incr_every": 0, "samples": 1}
 
 
 @dataclass(frozen=True)
@@ -117,6 +130,10 @@ class TrainConfig:
     nproc_per_node: int = 1                  # ranks: >1 the rule runs the job under torchrun
     spectral_batches: int = 0                # after training: rho(dF/dh), rho(dF_lam/dh) on
                                              # this many evaluation batches (0: not measured)
+    # Jacobian regularization (pipeline.deq.jacobian): weight, freq, incr, incr_every, samples
+    jacobian_reg: dict = field(default_factory=lambda: dict(JR_OFF))
+    adaptive_lam_every: int = 0              # lam = 1/rho(dF/dh), clipped to (0, 1], refreshed
+                                             # every N estimator steps (0: the fixed lam)
 
     @classmethod
     def from_params(cls, params: dict) -> "TrainConfig":
@@ -126,7 +143,15 @@ class TrainConfig:
             raise ValueError(f"unknown run keys {unknown}; valid keys: {sorted(names)}")
         cfg = cls(**params)
         get_task(cfg.task)
+        cfg.jacobian_reg_config  # validates the block
         return cfg
+
+    @property
+    def jacobian_reg_config(self) -> JacobianRegConfig:
+        unknown = sorted(set(self.jacobian_reg) - set(JR_OFF))
+        if unknown:
+            raise ValueError(f"unknown jacobian_reg keys {unknown}; valid keys: {sorted(JR_OFF)}")
+        return JacobianRegConfig(**{**JR_OFF, **self.jacobian_reg}, seed=self.seed)
 
     @property
     def forward_solver(self) -> SolverConfig:
@@ -318,6 +343,9 @@ def train(cfg: TrainConfig, task, tracker, checkpoint: Path | None = None, log=p
                              f"{world_size} (or delete it to start over)")
         set_rng_state(ck["rng"][rank])
         state = ck["state"]
+        if "task" in state:  # a task's own state across steps (segment memory)
+            task.load_state_dict(state["task_ranks"][rank] if "task_ranks" in state
+                                 else state["task"])
         # Rows are logged right after each checkpoint; a kill in between leaves MLflow
         # behind the checkpoint. Ask what it has, and log the rest once.
         last_row = tracker.last_step(M.TRAIN_LOSS)
@@ -338,6 +366,10 @@ def train(cfg: TrainConfig, task, tracker, checkpoint: Path | None = None, log=p
     status, reason = "finished", ""
 
     def save() -> None:
+        if hasattr(task, "state_dict"):  # under DDP every rank's (its own segment memory)
+            state["task"] = task.state_dict()
+            if d.active:
+                state["task_ranks"] = distributed.gather(state["task"], d)
         rngs = distributed.gather(rng_state(cfg.device), d)  # every rank's, in rank order
         if checkpoint is not None and d.is_main:
             save_checkpoint(checkpoint, model, opt, sched, state, tracker.run_id, cfg.device,
@@ -373,8 +405,10 @@ def train(cfg: TrainConfig, task, tracker, checkpoint: Path | None = None, log=p
                 state["curves"].append({"step": state["step"], **row})
                 state["step"] += 1
                 state["step_in_epoch"] += 1
-                if cfg.eval_every and state["step"] % cfg.eval_every == 0:
-                    evaluate(None)
+                epoch_ends = (state["step"] == total_steps
+                              or state["step_in_epoch"] == steps_per_epoch)
+                if cfg.eval_every and state["step"] % cfg.eval_every == 0 and not epoch_ends:
+                    evaluate(None)  # (the epoch-end evaluation follows at the epoch's end)
                 if cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0:
                     save()
             state["epoch"], state["step_in_epoch"] = epoch + 1, 0
@@ -457,6 +491,11 @@ def _step(cfg: TrainConfig, task, model, opt, sched, batch, state: dict,
     step = state["step"]
     pretraining = step < cfg.pretrain_steps
     est = task.pretrain_estimator(model) if pretraining else cfg.estimator_config
+    if cfg.adaptive_lam_every and not pretraining:   # the lam of the last refresh
+        est = dataclasses.replace(est, lam=state.get("adaptive_lam", cfg.lam))
+        diag_cfg = dataclasses.replace(diag_cfg, estimator=est, lam=est.lam)
+    jr = cfg.jacobian_reg_config
+    jr_now = jr.applies(step, pretraining)
     # after every `diagnostics_every` steps (not at the initialisation, where the reference
     # costs the most and tells the least)
     diagnose_now = bool(cfg.diagnostics_every) and (step + 1) % cfg.diagnostics_every == 0 \
@@ -497,6 +536,15 @@ def _step(cfg: TrainConfig, task, model, opt, sched, batch, state: dict,
         if not pretraining and residual > cfg.diverge_residual:
             raise Divergence(f"forward residual {residual:.3g} > {cfg.diverge_residual:g} at "
                              f"step {step}")
+        jr_row, jr_s = {M.JR_WEIGHT: jr.weight_at(step) if jr_now else 0.0}, 0.0
+        if jr_now:  # Jacobian regularization at the recorded h* (JR paper; appendix §4.3)
+            j0 = clock(cfg.device)
+            penalty = jacobian_penalty(layers, jr.samples, jr.vector_generator(step))
+            jr_row[M.JR_VALUE] = penalty.item()
+            if not math.isfinite(jr_row[M.JR_VALUE]):
+                raise Divergence(f"non-finite Jacobian penalty at step {step}")
+            loss = loss + jr_row[M.JR_WEIGHT] * penalty
+            jr_s = clock(cfg.device) - j0     # the penalty's forward counts as forward time
         opt.zero_grad(set_to_none=True)
         # Under DDP a diagnostics step keeps each rank's own gradient (no_sync) until rank 0
         # has compared its own with the reference on its own batch; then it is averaged.
@@ -506,7 +554,18 @@ def _step(cfg: TrainConfig, task, model, opt, sched, batch, state: dict,
         if cfg.grad_clip and not sync_later:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         t2 = clock(cfg.device)
-    row = {**forward, M.PRETRAINING: float(pretraining)}
+    row = {**forward, M.PRETRAINING: float(pretraining), **jr_row}
+    if not pretraining:
+        row[M.TRAIN_LAM] = est.lam
+    lam_s = 0.0
+    if cfg.adaptive_lam_every and not pretraining \
+            and (step - cfg.pretrain_steps) % cfg.adaptive_lam_every == 0:
+        a0 = clock(cfg.device)
+        lam = adaptive_lam(layers, cfg, step)
+        if d.active:  # one lam on every rank: 1 / the largest rho over the ranks' batches
+            lam = distributed.reduce_values({"lam": lam}, {"lam": distributed.MIN}, d)["lam"]
+        state["adaptive_lam"] = lam
+        lam_s = clock(cfg.device) - a0        # a cost of training: part of the step's time
     if diagnose_now and d.is_main:  # on the unwrapped module, rank 0 alone
         d0 = time.perf_counter()
         row.update(diagnose(model, task.loss, batch, layers, rng, diag_cfg, step))
@@ -525,9 +584,11 @@ def _step(cfg: TrainConfig, task, model, opt, sched, batch, state: dict,
         row[M.MEMORY_STEP_PEAK] = mem.peak_mb
         row["_train_s"] = 0.0
     else:
-        row["_train_s"] = (t2 - t0) + (t4 - t3)
-        row.update({M.TIME_FORWARD: t1 - t0, M.TIME_BACKWARD: t2 - t1,
-                    M.TIME_STEP: (t2 - t0) + (t4 - t3)})
+        row["_train_s"] = (t2 - t0) + (t4 - t3) + lam_s
+        row.update({M.TIME_FORWARD: t1 - t0 + jr_s, M.TIME_BACKWARD: t2 - t1 - jr_s,
+                    M.TIME_STEP: row["_train_s"]})
+        if hasattr(task, "batch_tokens"):
+            row[M.TOKENS_PER_S] = task.batch_tokens(batch) / row[M.TIME_STEP]
     return row
 
 
@@ -538,6 +599,16 @@ def _reduce_how(forward: dict) -> dict[str, str]:
            if k != M.TRAIN_LOSS and not k.startswith(M.train_metric(""))}
     how.update({M.FORWARD_CONVERGED: distributed.MIN, "diverged": distributed.MAX})
     return how
+
+
+def adaptive_lam(layers, cfg: TrainConfig, step: int) -> float:
+    """lam = 1 / rho(dF/dh) at this step's h*, clipped to (0, 1] (appendix §4.3: NPG on
+    PostLN trains with this damping). rho is the power method's, the largest over samples
+    and layers, seeded by the step; the new lam is used from the next step on."""
+    gen = torch.Generator(device=layers[0].h_star.device).manual_seed(cfg.seed * 1_000_003 + step)
+    rho = max(spectral_radius(r.func, r.h_star, 1.0, cfg.power_iters, gen, cfg.power_tol)
+              .rho.max().item() for r in layers)
+    return min(1.0, 1.0 / rho) if rho > 0 else 1.0
 
 
 def _early_loss(cfg: TrainConfig, state: dict) -> float | None:
@@ -617,6 +688,8 @@ def _results(cfg: TrainConfig, task, state: dict, status: str, reason: str, n_pa
                                                         for r in diags]),
             "median_diagnostics_s": _median([r[M.TIME_DIAGNOSTICS] for r in diags]),
         },
+        "jacobian_reg": cfg.jacobian_reg, "adaptive_lam_every": cfg.adaptive_lam_every,
+        **(task.summary(hist) if hasattr(task, "summary") else {}),  # a task's own keys
         "history": hist, "curves": state["curves"],
     }
 

@@ -75,16 +75,23 @@ def job_tags(rule, **wildcards):
 
 GRAPH_DATASETS = ("mutag", "chains", "cox2", "proteins", "ppi")  # pipeline/data/graphs.py layout
 IMAGEFOLDER_DATASETS = ("digits_imagefolder", "imagenet")  # a manifest of an ImageFolder tree
+LM_DATASETS = ("wiki_excerpt", "wikitext103")  # pipeline/data/wikitext.py layout
 
 
 def dataset_files(name):
     """The files of data/<name>, ancient(): a `dvc pull` alone must not rerun consumers.
     Image datasets: train.npz, test.npz, meta.json; graph datasets: graphs.npz, meta.json;
-    ImageFolder trees: manifest.json (written last, after the tree)."""
+    ImageFolder trees: manifest.json (written last, after the tree); corpora:
+    train/valid/test.npz, vocab.txt, meta.json."""
     root = PARAMS["data"]["root"]
-    files = ("graphs.npz", "meta.json") if name in GRAPH_DATASETS else \
-        ("manifest.json",) if name in IMAGEFOLDER_DATASETS else \
-        ("train.npz", "test.npz", "meta.json")
+    if name in LM_DATASETS:
+        files = ("train.npz", "valid.npz", "test.npz", "vocab.txt", "meta.json")
+    elif name in GRAPH_DATASETS:
+        files = ("graphs.npz", "meta.json")
+    elif name in IMAGEFOLDER_DATASETS:
+        files = ("manifest.json",)
+    else:
+        files = ("train.npz", "test.npz", "meta.json")
     return [ancient(f"{root}/{name}/{f}") for f in files]
 
 

@@ -181,3 +181,55 @@ rule export_digits_imagefolder:
     shell:
         "python -m pipeline data digits-imagefolder --out {params.out:q} --size {params.size}"
         " --test-fraction {params.test_fraction} --seed {params.seed} > {log} 2>&1"
+
+
+# --- language modelling (pipeline/data/wikitext.py): data/<name>/{train,valid,test}.npz,
+# vocab.txt, meta.json -------------------------------------------------------------------------
+
+rule export_wiki_excerpt:
+    output:
+        train=f"{DATA_ROOT}/wiki_excerpt/train.npz",
+        valid=f"{DATA_ROOT}/wiki_excerpt/valid.npz",
+        test=f"{DATA_ROOT}/wiki_excerpt/test.npz",
+        vocab=f"{DATA_ROOT}/wiki_excerpt/vocab.txt",
+        meta=f"{DATA_ROOT}/wiki_excerpt/meta.json",
+    params:
+        out=subpath(output.meta, parent=True),
+        split=" ".join(str(n) for n in PARAMS["data"]["wiki_excerpt"]["split"]),
+        min_count=PARAMS["data"]["wiki_excerpt"]["min_count"],
+    log:
+        "logs/export_wiki_excerpt.log",
+    benchmark:
+        "benchmarks/rules/export_wiki_excerpt.tsv"
+    conda:
+        "../../envs/pipeline.yaml"
+    shell:
+        "python -m pipeline data wiki_excerpt --out {params.out:q} --split {params.split}"
+        " --min-count {params.min_count} > {log} 2>&1"
+
+
+rule download_wikitext103:
+    output:
+        train=f"{DATA_ROOT}/wikitext103/train.npz",
+        valid=f"{DATA_ROOT}/wikitext103/valid.npz",
+        test=f"{DATA_ROOT}/wikitext103/test.npz",
+        vocab=f"{DATA_ROOT}/wikitext103/vocab.txt",
+        meta=f"{DATA_ROOT}/wikitext103/meta.json",
+    params:
+        out=subpath(output.meta, parent=True),
+        url=PARAMS["data"]["wikitext103"]["url"],
+        sha256=PARAMS["data"]["wikitext103"]["sha256"],
+        mirror=PARAMS["data"]["wikitext103"]["mirror"] or "",
+        archive=PARAMS["data"]["wikitext103"]["archive"] or "",
+        limits=download_limits(),
+    log:
+        "logs/download_wikitext103.log",
+    benchmark:
+        "benchmarks/rules/download_wikitext103.tsv"
+    conda:
+        "../../envs/pipeline.yaml"
+    localrule: True  # cluster nodes often have no internet; the login node does
+    shell:
+        "python -m pipeline data wikitext103 --out {params.out:q} --url {params.url:q}"
+        " --sha256 {params.sha256} --mirror={params.mirror:q} --archive={params.archive:q}"
+        " {params.limits} > {log} 2>&1"

@@ -11,6 +11,7 @@ rule paper_vs_ours:
         ablations=rules.report_ablations.output,
         graph=rules.report_graph.output,
         vision=rules.report_vision.output,
+        lm=rules.report_lm.output,
         reference=REFERENCE,
     output:
         table_csv="figures/report/paper_vs_ours.csv",
