@@ -81,6 +81,9 @@ def main(name: str, state: str, argv: list[str]) -> int:
         outputs = json.loads((state / "jobs.json").read_text())[comment]
         for out in outputs:  # the job "ran": its declared outputs exist
             path = workdir / out
+            if not path.suffix:  # a directory() output (the dry run does not say which)
+                path.mkdir(parents=True, exist_ok=True)
+                continue
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text("{}" if path.suffix == ".json" else "")
         print(len(_submitted(state)))

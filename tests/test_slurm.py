@@ -22,6 +22,7 @@ STUDY_RULES = {"synthetic_study": "synthetic", "train_ablation": "ablations",
                "train_lm": "lm"}
 PAPER_DATA = {"cifar10": ("train.npz", "test.npz", "meta.json"),
               "wikitext103": ("train.npz", "valid.npz", "test.npz", "vocab.txt", "meta.json"),
+              "imagenet": ("manifest.json",),  # validate_imagenet reads a real ImageFolder tree
               **{name: ("graphs.npz", "meta.json") for name in ("cox2", "proteins", "ppi")}}
 
 
