@@ -84,10 +84,10 @@ def test_resume_with_segment_memory_equals_an_uninterrupted_run(corpus, tmp_path
     ck = tmp_path / "last.pt"
     real_step = train_module._step
 
-    def killed_at_5(cfg, task, model, opt, sched, batch, state, diag_cfg):
+    def killed_at_5(cfg, task, model, opt, sched, batch, state, diag_cfg, *args, **kwargs):
         if state["step"] == 5:
             raise KeyboardInterrupt("killed")
-        return real_step(cfg, task, model, opt, sched, batch, state, diag_cfg)
+        return real_step(cfg, task, model, opt, sched, batch, state, diag_cfg, *args, **kwargs)
 
     monkeypatch.setattr(train_module, "_step", killed_at_5)
     with pytest.raises(KeyboardInterrupt):
