@@ -6,11 +6,11 @@ Run: ``.venv/bin/python -m pytest tests/test_ddp.py -q`` (CPU, about a minute on
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
+import signal
 import subprocess
-import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -190,3 +190,80 @@ def test_ddp_resume_equals_uninterrupted_run(digits, tmp_path):
     assert whole[0]["steps"] == 6 and whole[0]["history"]
     assert resumed[0] == whole[0]
     assert resumed[1] == whole[1] == whole[0], "every rank returns the same results"
+
+
+# --- the entry point under torchrun ------------------------------------------------------------
+
+def _torchrun(venv_bin: Path, name: str, params: dict, data: Path, out: Path, ckpt: Path,
+              uri: str) -> list[str]:
+    return [str(venv_bin / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "pipeline",
+            "train", "--study", "vision", "--name", name, "--params", json.dumps(params),
+            "--data", str(data), "--out", str(out), "--checkpoints", str(ckpt),
+            "--tracking-uri", uri, "--artifacts", str(out.parent / "artifacts"),
+            "--threads", "2"]
+
+
+def test_torchrun_job_killed_and_rerun_resumes_the_same_mlflow_run(digits, tmp_path, venv_bin):
+    """`torchrun --nproc_per_node=2 -m pipeline train`: SIGKILL of the whole job after a
+    mid-epoch checkpoint; the rerun resumes in rank 0's MLflow run and ends as a 2-rank run
+    that was never stopped; one metrics.json, one MLflow run, no checkpoint left. Without
+    torchrun, a run asking for 2 ranks is refused, naming the launch it needs."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking import init_store, job_runs
+    params = {**RUN, "max_steps_per_epoch": 6, "nproc_per_node": 2}
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    init_store(uri, str(tmp_path / "artifacts"), ["vision"])
+    ckpt = tmp_path / "ck"
+    cmd = _torchrun(venv_bin, "resume", params, digits, tmp_path / "out", ckpt, uri)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    deadline = time.time() + 180
+    while not list(ckpt.glob("vision/resume/*/last.pt")) and time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"ended before a checkpoint: {proc.stdout.read().decode()[-3000:]}")
+        time.sleep(0.01)
+    # torchrun starts each rank in a session of its own: killing torchrun's process group
+    # alone orphans the ranks, which then finish the run. Kill the whole tree, as a job
+    # scheduler ending the job's cgroup does.
+    import psutil
+    ranks = psutil.Process(proc.pid).children(recursive=True)
+    os.killpg(proc.pid, signal.SIGKILL)
+    for child in ranks:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait()
+    psutil.wait_procs(ranks, timeout=30)
+    assert not (tmp_path / "out" / "metrics.json").exists(), "the job was stopped"
+    saved = load_checkpoint(next(ckpt.glob("vision/resume/*/last.pt")))
+    assert saved["state"]["step_in_epoch"] in (2, 4) and len(saved["rng"]) == 2
+    resumed = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-3000:]
+    assert resumed.stdout.count("resumed from") == 1, "rank 0 alone logs"
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["steps"] == 12
+    assert not list(ckpt.glob("vision/resume/*")), "a concluded run keeps no checkpoint"
+    client = MlflowClient(uri)
+    runs = job_runs(client, client.get_experiment_by_name("vision").experiment_id)
+    assert [r.info.run_id for r in runs] == [metrics["mlflow_run_id"]]
+    losses = client.get_metric_history(runs[0].info.run_id, "train/loss")
+    assert sorted(m.step for m in losses) == list(range(12)), "no step lost or logged twice"
+
+    straight = subprocess.run(_torchrun(venv_bin, "straight", params, digits,
+                                        tmp_path / "straight", tmp_path / "ck2", "none"),
+                              capture_output=True, text=True, timeout=300)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    other = json.loads((tmp_path / "straight" / "metrics.json").read_text())
+    assert other["history"] and [h["acc"] for h in other["history"]] == \
+        [h["acc"] for h in metrics["history"]]
+    import pandas as pd
+    keep = ["step", "train/loss", "train/acc", "solver/rel_residual"]
+    assert pd.read_csv(tmp_path / "straight" / "curves.csv")[keep].equals(
+        pd.read_csv(tmp_path / "out" / "curves.csv")[keep])
+
+    alone = subprocess.run([str(venv_bin / "python"), *cmd[3:]], capture_output=True, text=True,
+                           timeout=120)
+    assert alone.returncode != 0
+    assert "nproc_per_node=2 but 1 rank(s) started; launch it with torchrun" in alone.stderr

@@ -48,9 +48,11 @@ def test_every_ours_cell_is_read_from_its_source(workflow):
         specs = entries[row.id].get("values") or {"ours": entries[row.id]["ours"]}
         for (name, spec), source in zip(specs.items(), row.source.split("; ")):
             rel, where = source.split("#")
-            path = workflow / rel
-            assert path.is_file() and where == spec.get("key", spec.get("column")), source
-            raw = _value(path, where)
+            paths = sorted(workflow.glob(rel))  # a pattern (agg over runs, e.g. seeds) or a file
+            assert paths and where == spec.get("key", spec.get("column")), source
+            raws = [_value(path, where) for path in paths]
+            raw = raws[0] if len(raws) == 1 else \
+                {"mean": lambda x: sum(x) / len(x), "max": max, "min": min}[spec["agg"]](raws)
             if isinstance(raw, list):  # a CSV column: its aggregate
                 raw = {"max": max, "min": min}[spec["agg"]](raw)
             if isinstance(raw, (int, float)):

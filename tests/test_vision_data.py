@@ -134,3 +134,40 @@ def test_cifar_augmentation_is_a_seeded_padded_crop_and_flip():
     for rank in range(2):
         part = augment(big[rank * 4:(rank + 1) * 4], black, 1, True, 3, 2, 5, rank, 2)
         assert torch.equal(part, whole[rank * 4:(rank + 1) * 4])
+
+
+# --- bad vision params are refused before any job starts -------------------------------------
+
+@pytest.mark.parametrize("data, fragments", [
+    ({"resize": 20}, ["vision.runs.imagenet_small_upg.data.resize", "20", "smaller than data.crop 32"]),
+    ({"pad": 1}, ["vision.runs.imagenet_small_upg.data", "'pad'"]),
+    ({"dataset": "digits"}, ["vision.runs.imagenet_small_upg.data.dataset", "'digits'"]),
+    ({"crop": 4}, ["vision.runs.imagenet_small_upg.data.crop", "4"]),
+])
+def test_bad_imagefolder_data_is_refused_naming_the_key(data, fragments, repo_root):
+    import copy
+
+    import yaml
+
+    from pipeline.config import ParamsError, resolve
+    params = yaml.safe_load((repo_root / "params.yaml").read_text())
+    params = copy.deepcopy(params)
+    params["vision"]["runs"]["imagenet_small_upg"]["data"].update(data)
+    with pytest.raises(ParamsError) as info:
+        resolve(params)
+    for fragment in fragments:
+        assert fragment in str(info.value), (fragment, str(info.value))
+
+
+def test_bad_cifar_augmentation_and_ranks_are_refused(repo_root):
+    import yaml
+
+    from pipeline.config import ParamsError, resolve
+    for run, key, value in (("cifar10_large_upg", "data", {"crop_padding": -1}),
+                            ("cifar10_large_upg", "nproc_per_node", 0),
+                            ("cifar10_large_upg", "spectral_batches", -1)):
+        params = yaml.safe_load((repo_root / "params.yaml").read_text())
+        block = params["vision"]["runs"][run]
+        block[key] = {**block[key], **value} if isinstance(value, dict) else value
+        with pytest.raises(ParamsError, match=f"vision.runs.{run}.{key}"):
+            resolve(params)
