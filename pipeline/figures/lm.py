@@ -4,8 +4,8 @@
   (weight / frequency), status (a FAILED run with its reason), test perplexity (at the
   best validation evaluation), the final training loss, the mean training step time, and
   the time ratio against ``implicit`` + JR of the same LN variant (its mean step time over
-  this run's), beside the paper's numbers where it gives any (UPG + JR 0.1: 24.4 at 2.2x,
-  f_thres 14; 24.0 at 1.7x, f_thres 20). Then one status row per claim of the appendix:
+  this run's), beside the paper's numbers where reference.yaml has them (UPG + JR 0.1 at
+  f_thres 14 and 20; implicit + JR from the JR paper). Then one status row per claim of the appendix:
   "reproduced" when the run(s) meet the criterion written in the row, else "not
   reproduced at this scale"; "not available" when a run it needs is missing.
 * ``lm_ppl_time.png``: validation perplexity against cumulative training time (the timed
@@ -24,24 +24,18 @@ import pandas as pd
 
 from pipeline import tracking as M
 from pipeline.figures.common import plt, save, write_caption
+from pipeline.figures.report import paper_text, paper_values
 from pipeline.io import atomic_path, read_json, write_json
 
 REFERENCE = {"postln": "postln_implicit_jr", "preln": "preln_implicit_jr"}
-# (paper test perplexity, paper training acceleration) where the sources give them
-PAPER = {"postln_upg_jr_f14": "24.4 at 2.2× (appendix §4.3)",
-         "postln_upg_jr_f20": "24.0 at 1.7× (appendix §4.3)",
-         "postln_implicit_jr": "24.9 at 12-13 NFE (JR paper)",
-         "preln_implicit_jr": "24.5 at 14 NFE (JR paper)",
-         "postln_npg": "fails (appendix §4.3)"}
 SIMILAR = 0.05       # "similar": within 5% (perplexity, training loss)
 LAST_STEPS = 10      # the final training loss: mean over the last 10 steps
 PAPER_NOTE = (
     "Paper (appendix §4.3, seed): DEQ-Transformer (98M, WikiText-103) with UPG + JR at weight "
-    "0.1: test perplexity 24.4 at 2.2× training acceleration (14 forward Broyden iterations), "
-    "24.0 at 1.7× (20); UPG without JR reaches a similar training loss but generalizes worse; "
-    "NPG fails on PostLN unless JR or λ = 1/ρ(∂F/∂h) is used. The acceleration is against "
-    "implicit differentiation + JR at the official settings (PostLN: weight 1.9, 12/13 "
-    "iterations). Here the time ratio is the reference's mean training-step time over the "
+    "0.1 against implicit differentiation + JR at the official settings; UPG without JR "
+    "reaches a similar training loss but generalizes worse; NPG fails on PostLN unless JR or "
+    "λ = 1/ρ(∂F/∂h) is used. Paper values (pipeline/figures/reference.yaml): {values}. "
+    "Here the time ratio is the reference's mean training-step time over the "
     "run's, measured in the same study; the cosine is the applied gradient's (JR's included "
     "on steps that drew it) against the GMRES reference. Where the forward solve meets its "
     "tolerance before f_thres (forward steps mean / max below f_thres), f_thres does not bind "
@@ -118,7 +112,7 @@ def table(runs: dict[str, dict]) -> pd.DataFrame:
             "train loss": final_loss(run), "step s": m.get("mean_step_s"),
             "time ratio": time_ratio(runs, name),
             "cos F": (m.get("diagnostics") or {}).get("median_cos_sim_F"),
-            "paper": PAPER.get(name, "–"),
+            "paper": paper_text(f"results/lm/{name}/metrics.json", default="–"),
         })
     return pd.DataFrame(rows)
 
@@ -152,14 +146,16 @@ def claims(runs: dict[str, dict]) -> pd.DataFrame:
                         f"{time_ratio(runs, run) or float('nan'):.3g}×; {ref}: ppl "
                         f"{_ppl(runs, ref) or float('nan'):.4g}")
 
-    for run, paper in (("postln_upg_jr_f14", "24.4 at 2.2×"), ("postln_upg_jr_f20", "24.0 at 1.7×")):
+    paper = {run: paper_text(f"results/lm/{run}/metrics.json", "test_ppl")
+             for run in ("postln_upg_jr_f14", "postln_upg_jr_f20")}
+    for run in paper:
         row(f"PostLN, UPG + JR 0.1 ({run[-3:]}): faster than implicit + JR at a similar "
-            f"perplexity (paper: {paper})",
+            f"perplexity (paper: {paper[run]})",
             f"time ratio > 1 and test ppl ≤ {1 + SIMILAR:g} × implicit + JR's",
             [run, "postln_implicit_jr"], describe(run, "postln_implicit_jr"),
             faster_similar(run, "postln_implicit_jr"))
     row("More forward iterations (20 vs 14): lower perplexity, smaller acceleration "
-        "(paper: 24.0 vs 24.4, 1.7× vs 2.2×)",
+        f"(paper: {paper['postln_upg_jr_f20']} vs {paper['postln_upg_jr_f14']})",
         "f20's forward solve takes more steps than f14's (f_thres binds), test ppl f20 < f14 "
         "and time ratio f20 < f14",
         ["postln_upg_jr_f14", "postln_upg_jr_f20", "postln_implicit_jr"],
@@ -280,7 +276,8 @@ def main(args) -> int:
     write_csv(frame, out / "lm_table.csv")
     with atomic_path(out / "lm_table.md") as tmp:
         tmp.write_text(f"{header(runs)}\n\n{frame.to_markdown(index=False, floatfmt='.4g')}\n\n"
-                       f"## Claims\n\n{claim_rows.to_markdown(index=False)}\n\n{PAPER_NOTE}\n")
+                       f"## Claims\n\n{claim_rows.to_markdown(index=False)}\n\n"
+                       f"{PAPER_NOTE.format(values=paper_values('lm'))}\n")
     save(plot_ppl_time(runs), out, "lm_ppl_time")
     save(plot_rho(runs), out, "lm_rho")
     metrics = [r["metrics"] for r in runs.values()]

@@ -66,7 +66,8 @@ def paper_text(path: str, key: str | None = None, default: str = "") -> str:
     available" for a null paper value, ``default`` where no claim reads that value."""
     for entry in reference()["claims"]:
         ours = entry.get("ours") or {}
-        if ours.get("path") == path and key in (None, ours.get("key")):
+        if ours.get("path") and fnmatch.fnmatch(path, ours["path"]) \
+                and key in (None, ours.get("key")):
             return entry["paper_text"] if entry["paper"] is not None else "not available"
     return default
 

@@ -2,12 +2,12 @@
 
 * ``vision_table.csv`` / ``.md``: one row per run, naming the scale and the dataset it was
   trained on: the setting (model preset, estimator, pretraining, ranks), our best
-  top-1 accuracy (%) and the top-5 of that evaluation, the time per step, rho(dF/dh) and rho(dF_lam/dh) after
-  training on validation batches, and beside them the paper's number and the official
-  training logs' where they exist (CIFAR-10 large UPG: the logs' 94.89 / 95.09 / 95.21;
-  ImageNet MDEQ-Small: the paper's 75.7 and 75.2; none for the implicit baselines). A
-  reference is for the paper's dataset at the paper's scale: a run on another dataset (the
-  digits stand-ins of the default scale) is marked not comparable, whatever its number.
+  top-1 accuracy (%) and the top-5 of that evaluation, the time per step, rho(dF/dh) and
+  rho(dF_lam/dh) after training on validation batches, and beside them the paper's value
+  where reference.yaml has one (CIFAR-10 large UPG: the official training logs; ImageNet
+  MDEQ-Small: the appendix; none for the implicit baselines). A reference is for the
+  paper's dataset at the paper's scale: a run on another dataset (the digits stand-ins of
+  the default scale) is marked not comparable, whatever its number.
 * ``vision_training.png``: training loss per step, one line per run, and rho / rho_lambda
   per run.
 
@@ -15,24 +15,18 @@
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import pandas as pd
 
 from pipeline import tracking as M
 from pipeline.figures.common import plt, save, write_caption
+from pipeline.figures.report import paper_text
 from pipeline.io import atomic_path, read_json, write_json
 
-# (paper's number, official logs), by the run's name without a seed suffix: only for a run
-# on the paper's dataset (PAPER_DATASET) at the paper scale. paper-numbers.md, appendix §4.3.
-REFERENCES = {
-    "cifar10_large_upg": ("95.0 (paper's re-implementation)",
-                          "94.89 / 95.09 / 95.21 (mean 95.06; Gsunshine/phantom_grad logs)"),
-    "imagenet_small_upg": ("75.7 (appendix §4.3)", "not available"),
-    "imagenet_small_upg_pretrained": ("75.2 (appendix §4.3)", "not available"),
-}
-PAPER_DATASET = {"cifar10": "cifar10", "imagenet": "imagenet"}  # run-name prefix -> dataset
+# The paper dataset of a run, by its name's prefix: a paper value (reference.yaml, the claim
+# that reads the run's result) is shown only for a run on it at the paper scale.
+PAPER_DATASET = {"cifar10": "cifar10", "imagenet": "imagenet"}
 NOT_AVAILABLE = "not available"
 
 
@@ -51,16 +45,15 @@ def load(result_dirs) -> dict[str, dict]:
     return out
 
 
-def reference(name: str, dataset: str, scale: str) -> tuple[str, str]:
-    """(paper, official logs) for a run, or why there is none to compare with."""
-    base = re.sub(r"_seed\d+$", "", name)
-    if base not in REFERENCES:
-        return NOT_AVAILABLE, NOT_AVAILABLE
-    wanted = PAPER_DATASET[base.split("_")[0]]
+def reference(name: str, dataset: str, scale: str) -> str:
+    """The paper's value for a run (reference.yaml), or why there is none to compare with."""
+    paper = paper_text(f"results/vision/{name}/metrics.json", "best", default=NOT_AVAILABLE)
+    wanted = PAPER_DATASET.get(name.split("_")[0])
+    if paper == NOT_AVAILABLE or wanted is None:
+        return NOT_AVAILABLE
     if dataset != wanted or scale != "paper":
-        why = f"not comparable ({dataset} at scale {scale}; the paper: {wanted} at scale paper)"
-        return why, why
-    return REFERENCES[base]
+        return f"not comparable ({dataset} at scale {scale}; the paper: {wanted} at scale paper)"
+    return paper
 
 
 def _pct(value) -> float | None:
@@ -75,7 +68,7 @@ def table(runs: dict[str, dict]) -> pd.DataFrame:
         # top-5 at the evaluation that gave the best top-1
         at_best = next((h for h in m["history"] if h["step"] == m["best_step"]), {})
         spectral = m.get("spectral") or {}
-        paper, logs = reference(name, m["dataset"], m["scale"])
+        paper = reference(name, m["dataset"], m["scale"])
         rows.append({
             "run": name, "scale": m["scale"], "dataset": m["dataset"],
             "model": model.get("preset", "tiny") + (f" channels {model['channels']}"
@@ -87,7 +80,7 @@ def table(runs: dict[str, dict]) -> pd.DataFrame:
             "top1_pct": _pct(m["best"]), "top5_pct": _pct(at_best.get("top5")),
             "mean_step_s": m["mean_step_s"],
             "rho": spectral.get("rho"), "rho_lambda": spectral.get("rho_lambda"),
-            "paper": paper, "official_logs": logs})
+            "paper": paper})
     return pd.DataFrame(rows)
 
 
