@@ -24,9 +24,9 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline import tracking as M
-from pipeline.figures.common import plt, save, write_caption
+from pipeline.figures.common import ReportError, load_results, plt, save, write_caption
 from pipeline.figures.report import paper_text
-from pipeline.io import atomic_path, read_json, write_json
+from pipeline.io import atomic_path, write_json
 
 COS_F = M.GRAD_COS_PART.format(part="F")
 
@@ -42,18 +42,10 @@ COLUMN_NOTE = (
     "residual of that reference (median over diagnostics).")
 
 
-class ReportError(RuntimeError):
-    """The results cannot make a trustworthy figure."""
-
 
 def load(result_dirs: list[str | Path]) -> dict[str, dict]:
-    out = {}
-    for d in map(Path, result_dirs):
-        metrics = read_json(d / "metrics.json")
-        if "diagnostics" not in metrics:
-            raise ReportError(f"{d}/metrics.json predates the shared training loop; rerun it")
-        out[metrics["name"]] = {"metrics": metrics, "curves": pd.read_csv(d / "curves.csv")}
-    return out
+    return load_results(result_dirs, lambda m: None if "diagnostics" in m else
+                        "predates the shared training loop; rerun it")
 
 
 def matching_implicit(name: str, runs: dict[str, dict]) -> str | None:

@@ -1,4 +1,5 @@
-"""Shared by every figure module: a headless matplotlib and atomic PNG + PDF output."""
+"""Shared by every figure module: a headless matplotlib, atomic PNG + PDF output, and the
+reading of a study's results folders."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,9 +9,28 @@ import matplotlib
 matplotlib.use("Agg")  # no display on laptops-over-ssh, CI or cluster nodes
 import matplotlib.pyplot as plt  # noqa: E402
 
-from pipeline.io import atomic_path  # noqa: E402
+from pipeline.io import atomic_path, read_json  # noqa: E402
 
-__all__ = ["plt", "save", "write_caption"]
+__all__ = ["ReportError", "load_results", "plt", "save", "write_caption"]
+
+
+class ReportError(RuntimeError):
+    """The results cannot make a trustworthy table or figure."""
+
+
+def load_results(result_dirs, check, csvs=("curves",), key=lambda m: m["name"]) -> dict[str, dict]:
+    """{key(metrics): {"metrics": ..., <csv>: DataFrame ...}} of each results folder
+    (``metrics.json`` and ``<csv>.csv``). ``check(metrics)`` says why a folder is not the
+    study's (a ReportError naming it), or None."""
+    import pandas as pd
+    out = {}
+    for d in map(Path, result_dirs):
+        metrics = read_json(d / "metrics.json")
+        why = check(metrics)
+        if why:
+            raise ReportError(f"{d}/metrics.json {why}")
+        out[key(metrics)] = {"metrics": metrics, **{c: pd.read_csv(d / f"{c}.csv") for c in csvs}}
+    return out
 
 
 def save(fig, out_dir: Path, name: str) -> list[Path]:

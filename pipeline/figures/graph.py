@@ -22,9 +22,9 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline import tracking as M
-from pipeline.figures.common import plt, save, write_caption
+from pipeline.figures.common import ReportError, load_results, plt, save, write_caption
 from pipeline.figures.report import paper_text, paper_values
-from pipeline.io import atomic_path, read_json, write_json
+from pipeline.io import atomic_path, write_json
 
 PAPER_NOTE = (
     "Paper values: pipeline/figures/reference.yaml (the claim that reads each run's result; "
@@ -39,20 +39,11 @@ PAPER_NOTE = (
     "official MUTAG edge weights cannot apply.")
 
 
-class ReportError(RuntimeError):
-    """The results cannot make a trustworthy table."""
-
 
 def load(result_dirs) -> dict[str, dict]:
-    out = {}
-    for d in map(Path, result_dirs):
-        metrics = read_json(d / "metrics.json")
-        if "units" not in metrics:
-            raise ReportError(f"{d}/metrics.json is not a train-repeats result; rerun it")
-        out[f"{metrics['study']}/{metrics['name']}"] = {
-            "metrics": metrics, "curves": pd.read_csv(d / "curves.csv"),
-            "history": pd.read_csv(d / "history.csv")}
-    return out
+    return load_results(result_dirs, lambda m: None if "units" in m else
+                        "is not a train-repeats result; rerun it", csvs=("curves", "history"),
+                        key=lambda m: f"{m['study']}/{m['name']}")
 
 
 def _fmt(stats: dict, scale: float = 100.0) -> str:

@@ -23,9 +23,9 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline import tracking as M
-from pipeline.figures.common import plt, save, write_caption
+from pipeline.figures.common import ReportError, load_results, plt, save, write_caption
 from pipeline.figures.report import paper_text, paper_values
-from pipeline.io import atomic_path, read_json, write_json
+from pipeline.io import atomic_path, write_json
 
 REFERENCE = {"postln": "postln_implicit_jr", "preln": "preln_implicit_jr"}
 SIMILAR = 0.05       # "similar": within 5% (perplexity, training loss)
@@ -43,18 +43,10 @@ PAPER_NOTE = (
     "machine that ran the study, shared or not: compare ratios only from a quiet machine.")
 
 
-class ReportError(RuntimeError):
-    """The results cannot make a trustworthy table."""
-
 
 def load(result_dirs) -> dict[str, dict]:
-    out = {}
-    for d in map(Path, result_dirs):
-        metrics = read_json(d / "metrics.json")
-        if metrics.get("task") != "lm":
-            raise ReportError(f"{d}/metrics.json is not an lm result (task "
-                              f"{metrics.get('task')!r})")
-        out[metrics["name"]] = {"metrics": metrics, "curves": pd.read_csv(d / "curves.csv")}
+    out = load_results(result_dirs, lambda m: None if m.get("task") == "lm" else
+                       f"is not an lm result (task {m.get('task')!r})")
     if not out:
         raise ReportError("no results")
     return out

@@ -20,9 +20,9 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline import tracking as M
-from pipeline.figures.common import plt, save, write_caption
+from pipeline.figures.common import ReportError, load_results, plt, save, write_caption
 from pipeline.figures.report import paper_text
-from pipeline.io import atomic_path, read_json, write_json
+from pipeline.io import atomic_path, write_json
 
 # The paper dataset of a run, by its name's prefix: a paper value (reference.yaml, the claim
 # that reads the run's result) is shown only for a run on it at the paper scale.
@@ -30,19 +30,10 @@ PAPER_DATASET = {"cifar10": "cifar10", "imagenet": "imagenet"}
 NOT_AVAILABLE = "not available"
 
 
-class ReportError(RuntimeError):
-    """The results cannot make a trustworthy table."""
-
 
 def load(result_dirs) -> dict[str, dict]:
-    out = {}
-    for d in map(Path, result_dirs):
-        metrics = read_json(d / "metrics.json")
-        if metrics.get("study") != "vision":
-            raise ReportError(f"{d}/metrics.json is not a vision result (study "
-                              f"{metrics.get('study')!r})")
-        out[metrics["name"]] = {"metrics": metrics, "curves": pd.read_csv(d / "curves.csv")}
-    return out
+    return load_results(result_dirs, lambda m: None if m.get("study") == "vision" else
+                        f"is not a vision result (study {m.get('study')!r})")
 
 
 def reference(name: str, dataset: str, scale: str) -> str:
