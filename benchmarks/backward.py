@@ -546,12 +546,20 @@ def plot(rows: list[dict], stem: Path) -> list[Path]:
     fig.suptitle(f"Gradient of a {r0['model']} DEQ (n = {r0['state_size']} per sample), batch "
                  f"{r0['batch']}, float32; forward Broyden f_thres {r0['f_thres']} "
                  f"(ours {r0['forward_s']:.1f} s wall)")
-    fig.text(0.5, 0.01, f"{r0['cpu']}, {r0['cores']} cores ({r0['threads']} torch threads), "
+    fig.text(0.5, 0.01, f"device {_device_text(r0)}; "
+             f"{r0['cpu']}, {r0['cores']} cores ({r0['threads']} torch threads), "
              f"torch {r0['torch']}, torchdeq {r0['torchdeq']}; median of {r0['repeats']} "
              f"repeats; load average {r0['load_avg']:.1f} during the run; "
              f"{_dt.date.today().isoformat()}", ha="center", fontsize=7)
     fig.tight_layout(rect=(0, 0.04, 1, 0.95))
     return save_figure(fig, stem)
+
+
+def _device_text(row: dict) -> str:
+    """Where the row was measured: the GPU's name, or the CPU with no GPU used."""
+    if str(row.get("device", "cpu")).startswith("cuda"):
+        return f"{row['device']} ({row['gpu']})"
+    return "cpu (no GPU used)"
 
 
 def save_figure(fig, stem: Path) -> list[Path]:
@@ -582,13 +590,25 @@ def summary(rows: list[dict]) -> str:
             f"{imp['grad_min_s'] / upg5['grad_min_s']:.2f}x (best wall), "
             f"{imp['grad_cpu_s'] / upg5['grad_cpu_s']:.2f}x (median CPU); backward() alone "
             f"{imp['backward_s'] / upg5['backward_s']:.2f}x (median wall)")
+    npg5 = get.get(("ours", "npg", 5))
+    if imp and upg5 and npg5:  # the vision issue's ratios, at the configuration's shape
+        lines.append(
+            f"implicit / UPG A_5: gradient {imp['grad_s'] / upg5['grad_s']:.2f}x, step "
+            f"{imp['step_s'] / upg5['step_s']:.2f}x; implicit / NPG A_5: gradient "
+            f"{imp['grad_s'] / npg5['grad_s']:.2f}x, step {imp['step_s'] / npg5['step_s']:.2f}x "
+            f"(median wall)")
+        lines.append(
+            f"peak memory of the gradient: UPG A_5 / implicit "
+            f"{upg5['peak_mem_mb'] / imp['peak_mem_mb']:.2f}, NPG A_5 / implicit "
+            f"{npg5['peak_mem_mb'] / imp['peak_mem_mb']:.2f}")
     ks = sorted(r["k"] for r in rows if r["impl"] == "ours" and r["estimator"] == "npg")
     if len(ks) >= 2:
         for est in ("npg", "upg"):
             lo, hi = get[("ours", est, ks[0])], get[("ours", est, ks[-1])]
             lines.append(f"{est.upper()} peak memory k={ks[0]} -> {ks[-1]}: "
                          f"{lo['peak_mem_mb']:.1f} -> {hi['peak_mem_mb']:.1f} MiB "
-                         f"({hi['peak_mem_mb'] / lo['peak_mem_mb'] - 1:+.1%})")
+                         f"({hi['peak_mem_mb'] / lo['peak_mem_mb'] - 1:+.1%}; "
+                         f"k={ks[-1]} / k={ks[0]}: {hi['peak_mem_mb'] / lo['peak_mem_mb']:.2f})")
     for r in rows:
         if r["impl"] == "ours" and r["grad_ratio_ours_over_torchdeq"] != "":
             t = get[("torchdeq", r["estimator"], r["k"] if r["k"] != "" else None)]
@@ -607,7 +627,7 @@ def summary(rows: list[dict]) -> str:
                      f"{o['forward_cpu_s'] / t['forward_cpu_s']:.2f} median CPU; solve memory "
                      f"{o['solve_mem_mb']:.0f} vs {t['solve_mem_mb']:.0f} MiB")
     lines.append(f"load average during the run: {rows[0]['load_avg']:.1f} "
-                 f"on {rows[0]['cores']} cores")
+                 f"on {rows[0]['cores']} cores; device {_device_text(rows[0])}")
     return "\n".join(lines)
 
 

@@ -142,10 +142,19 @@ def read_ours(spec: dict, root: Path) -> dict:
 
 # --- one claim -------------------------------------------------------------------------------
 
-def _expect(expr: str, values: dict) -> bool:
+def _expect(expr, values: dict) -> bool:
+    """``expect``: one condition or a list of them, all of which must hold. A condition is
+    ``<name> <op> <name|number>``, or ``|<name> - <number>| <op> <number>`` for "≈"."""
+    if isinstance(expr, list):
+        return all(_expect(e, values) for e in expr)
+    near = re.fullmatch(r"\s*\|\s*(\w+)\s*-\s*([\w.+-]+)\s*\|\s*(<=|<)\s*([\w.+-]+)\s*", expr)
+    if near:
+        name, centre, op, width = near.groups()
+        return OPS[op](abs(values[name] - float(centre)), float(width))
     match = re.fullmatch(r"\s*(\w+)\s*(>=|<=|==|!=|>|<)\s*([\w.+-]+)\s*", expr)
     if not match:
-        raise ReferenceError(f"expect {expr!r}: write '<name> <op> <name|number>'")
+        raise ReferenceError(f"expect {expr!r}: write '<name> <op> <name|number>' or "
+                             f"'|<name> - <number>| <= <number>'")
     left, op, right = match.groups()
     a = values[left]
     b = values[right] if right in values else right
@@ -174,7 +183,7 @@ def evaluate(entry: dict, root: Path, scale: str) -> dict:
     if missing:
         row["status"] = "not run at this scale"
         row["ours"] = "not run"
-    elif failed and not entry["test"].get("expect", "").endswith("failed"):
+    elif failed and not str(entry["test"].get("expect", "")).endswith("failed"):
         row["status"] = "run failed"
     elif entry["kind"] == "quantitative":
         at_scale = (first["scale"] == comparable["scale"]
