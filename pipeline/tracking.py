@@ -68,6 +68,8 @@ FORWARD_CONVERGED = "solver/converged"     # 1: forward residual met f_tol at th
 TIME_GRAD = "time/grad_s"                  # h* -> parameter gradients, this estimator
 TIME_GRAD_IMPLICIT = "time/grad_implicit_s"  # same, implicit with the run's b_thres
 GRAD_SPEEDUP = "time/grad_speedup_vs_implicit"
+GRAD_IMPLICIT_REL_RESIDUAL = "grad/implicit_rel_residual"  # that implicit backward solve's
+GRAD_IMPLICIT_CONVERGED = "grad/implicit_converged"        # residual (worst layer); 1: met b_tol
 RHO = "spectral/rho"                       # rho(dF/dh) at h*, power method
 RHO_LAMBDA = "spectral/rho_lambda"         # rho(dF_lam/dh), F_lam = (1-lam) I + lam F
 RHO_ITERS = "spectral/rho_iters"
@@ -110,6 +112,11 @@ def eval_metric(name: str) -> str:
 
 def best_eval_metric(name: str) -> str:
     return f"eval/best_{name}"
+
+
+def protocol_metric(protocol: str, stat: str) -> str:
+    """A job parent's score over its folds or seeds, e.g. ``official/mean``, ``clean/std``."""
+    return f"{protocol}/{stat}"
 
 
 def train_metric(name: str) -> str:
@@ -365,9 +372,8 @@ def main(args) -> int:
                    for scale in args.scales}
     print(f"MLflow store {args.uri}: experiments {ids}, parent runs {parents}")
     if args.touch:
-        Path(args.touch).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.touch).write_text(json.dumps({"uri": args.uri, "experiments": ids,
-                                                "parents": parents}) + "\n")
+        from pipeline.io import write_json
+        write_json({"uri": args.uri, "experiments": ids, "parents": parents}, args.touch)
     return 0
 
 

@@ -182,3 +182,20 @@ def test_graph_and_node_defaults_build_train_configs_at_every_scale(raw):
     assert sorted({r["data"]["dataset"] for r in paper["graph"]["runs"].values()}) == \
         ["cox2", "proteins"]
     assert paper["node"]["defaults"]["model"]["preset"] == "ppi"
+
+
+def test_a_job_whose_every_unit_failed_is_a_failed_parent_with_the_reasons(raw, data, tmp_path):
+    """Every seed stopped by the loss rule (factor 1e-6: any loss is 'past' it): the job's
+    summary and its MLflow parent run are FAILED, with each unit's reason."""
+    from mlflow.tracking import MlflowClient
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    M.init_store(uri, str(tmp_path / "artifacts"), ["node"])
+    cfg, params = _tiny(raw, "node", "chains_upg", epochs=3, diverge_loss_factor=1e-6,
+                        diagnostics_every=0)
+    summary, results, _ = _run(cfg, params, data, tmp_path, "all_failed", uri)
+    assert [r["status"] for r in results] == ["failed", "failed"]
+    assert summary["status"] == "failed" and summary["reason"].startswith("every unit failed")
+    parent = MlflowClient(uri).get_run(summary["mlflow_parent_run_id"])
+    assert parent.info.status == "FAILED"
+    assert parent.data.tags["failure_reason"] == summary["reason"]
+    assert all(r["reason"] in parent.data.tags["failure_reason"] for r in results)

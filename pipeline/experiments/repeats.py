@@ -124,11 +124,16 @@ def run_units(cfg: TrainConfig, params: dict, *, study: str, name: str, data_dir
         raise
     summary = _summary(cfg, results, study=study, name=name, scale=scale, phash=phash,
                        parent_id=parent.run_id)
-    parent.log_metrics({f"{key}/{stat}": value for key in ("official", "clean")
+    parent.log_metrics({tracking.protocol_metric(key, stat): value
+                        for key in ("official", "clean")
                         for stat, value in summary[key].items() if value is not None})
     parent.set_tags({"failed_units": ",".join(u["unit"] for u in summary["units"]
                                               if u["status"] == "failed") or "none"})
-    tracking.finish_parent(parent)
+    if summary["status"] == "failed":  # every unit diverged: so did the job
+        parent.set_tags({"failure_reason": summary["reason"][:5000]})
+        tracking.finish_parent(parent, "FAILED")
+    else:
+        tracking.finish_parent(parent)
     return summary, results, folder
 
 

@@ -645,6 +645,10 @@ def _median(values):
     return statistics.median(values) if values else None
 
 
+def _mean(values):
+    return sum(values) / len(values) if values else None
+
+
 def _results(cfg: TrainConfig, task, state: dict, status: str, reason: str, n_params: int) -> dict:
     from pipeline.tracking import git_commit
     hist, metric = state["history"], task.primary_metric
@@ -686,6 +690,13 @@ def _results(cfg: TrainConfig, task, state: dict, status: str, reason: str, n_pa
                                                for r in diags]),
             "median_grad_speedup_vs_implicit": _median([r.get(M.GRAD_SPEEDUP, float("nan"))
                                                         for r in diags]),
+            "speedup_reference": "implicit differentiation with the run's backward solver "
+                                 f"({cfg.b_solver}, b_max_iter {cfg.b_max_iter}, tol {cfg.b_tol:g}), "
+                                 "timed from the recorded h*",
+            "implicit_converged_fraction": _mean([r[M.GRAD_IMPLICIT_CONVERGED] for r in diags
+                                                  if M.GRAD_IMPLICIT_CONVERGED in r]),
+            "median_implicit_rel_residual": _median([r.get(M.GRAD_IMPLICIT_REL_RESIDUAL,
+                                                           float("nan")) for r in diags]),
             "median_diagnostics_s": _median([r[M.TIME_DIAGNOSTICS] for r in diags]),
         },
         "jacobian_reg": cfg.jacobian_reg, "adaptive_lam_every": cfg.adaptive_lam_every,
