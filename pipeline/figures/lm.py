@@ -12,7 +12,7 @@
   training steps, pretraining included) per run; a FAILED run ends in a cross where it was
   marked FAILED.
 * ``lm_rho.png``: rho(dF/dh) at h* over training steps (the diagnostics points), and the
-  adaptive run's lambda = 1/rho.
+  adaptive run's lambda = 1/rho. Each figure's footer names the scales and the datasets.
 
     python -m pipeline report-lm --results results/lm/postln_upg results/lm/... --out figures/lm
 """
@@ -23,7 +23,8 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline import tracking as M
-from pipeline.figures.common import ReportError, load_results, plt, save, write_caption
+from pipeline.figures.common import (ReportError, footer, load_results, plt, save,
+                                      scales_datasets, scope, write_caption)
 from pipeline.figures.report import paper_text, paper_values
 from pipeline.io import atomic_path, write_json
 
@@ -199,8 +200,7 @@ def header(runs: dict[str, dict]) -> str:
     metrics = [r["metrics"] for r in runs.values()]
     params = {m.get("trainable_params") for m in metrics}
     return (f"# DEQ-Transformer with UPG + Jacobian regularization (appendix §4.3)\n\n"
-            f"scale: {', '.join(sorted({m['scale'] for m in metrics}))}; dataset: "
-            f"{', '.join(sorted({m['dataset'] for m in metrics}))}; parameters: "
+            f"{scope(metrics)}; parameters: "
             f"{', '.join(f'{p:,}' for p in sorted(p for p in params if p))}; steps: "
             f"{max(m['steps'] for m in metrics)}")
 
@@ -229,6 +229,7 @@ def plot_ppl_time(runs):
     ax.set_yscale("log")
     ax.set_title("perplexity against wall time")
     ax.legend(fontsize=6, ncol=2)
+    footer(fig, f"DEQ-Transformer — {scope(r['metrics'] for r in runs.values())}")
     return fig
 
 
@@ -252,6 +253,7 @@ def plot_rho(runs):
     ax.set_ylabel("spectral radius at h* (power method)")
     ax.set_title("ρ over training (dashed: where a run was marked FAILED)")
     ax.legend(fontsize=6, ncol=2)
+    footer(fig, f"DEQ-Transformer — {scope(r['metrics'] for r in runs.values())}")
     return fig
 
 
@@ -273,9 +275,9 @@ def main(args) -> int:
     save(plot_ppl_time(runs), out, "lm_ppl_time")
     save(plot_rho(runs), out, "lm_rho")
     metrics = [r["metrics"] for r in runs.values()]
+    scale, dataset = scales_datasets(metrics)
     write_caption(out / "lm_caption.rst", what=header(runs),
-                  scale=", ".join(sorted({m["scale"] for m in metrics})),
-                  dataset=", ".join(sorted({m["dataset"] for m in metrics})),
+                  scale=scale, dataset=dataset,
                   run_ids=[m["mlflow_run_id"] for m in metrics if m.get("mlflow_run_id")],
                   commits=[m["git_commit"] for m in metrics])
     write_json({"runs": {name: {"status": r["metrics"]["status"],
