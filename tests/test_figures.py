@@ -1,5 +1,5 @@
-"""The study figure modules on hand-made run dicts: each figure names the scales and the
-datasets of its runs."""
+"""The study figure modules on hand-made run dicts: each figure and table names the scale
+and the dataset of its runs."""
 import pandas as pd
 import pytest
 
@@ -35,10 +35,13 @@ def test_scales_datasets_are_over_all_runs():
     assert scales_datasets(metrics) == ("default, paper", "a, b")
 
 
-def test_lm_figures_name_scale_and_dataset():
+def test_lm_table_and_figures_name_scale_and_dataset():
     runs = {"postln_implicit_jr": _lm_run("postln_implicit_jr", scale="paper",
                                           dataset="wikitext103"),
             "postln_upg": _lm_run("postln_upg")}
+    table = lm.table(runs).set_index("run")
+    assert table.loc["postln_upg", ["scale", "dataset"]].tolist() == ["default", "wikitext_tiny"]
+    assert table.loc["postln_implicit_jr", "scale"] == "paper"
     for fig in (lm.plot_ppl_time(runs), lm.plot_rho(runs)):
         assert "scale: default, paper; dataset: wikitext103, wikitext_tiny" in _texts(fig)
 
@@ -58,10 +61,14 @@ def _graph_run(dataset, task, scale):
             "curves": curves, "history": history}
 
 
-def test_graph_header_and_figures_name_every_scale():
+def test_graph_table_header_and_figures_name_every_scale():
     runs = {"graph/mutag": _graph_run("mutag", "graph", "default"),
             "graph/proteins": _graph_run("proteins", "graph", "paper"),
             "node/chains": _graph_run("chains", "node", "default")}
+    table = graph.table(runs)
+    assert set(zip(table.run, table.dataset, table.scale)) == {
+        ("graph/mutag", "mutag", "default"), ("graph/proteins", "proteins", "paper"),
+        ("node/chains", "chains", "default")}
     assert "scale: default, paper; dataset: chains, mutag, proteins" in graph.header(runs)
     assert "scale: default, paper; dataset: mutag, proteins" in _texts(graph.plot_folds(runs))
     assert "scale: default; dataset: chains" in _texts(graph.plot_f1(runs))
@@ -78,3 +85,21 @@ def test_vision_figure_names_every_scale():
                                                "spectral": None}, "curves": curves}}
     assert "scale: default, paper; dataset: digits, imagenet" in \
         _texts(vision.plot_training(runs))
+
+
+def test_ablations_table_names_scale_and_dataset():
+    from pipeline.figures import ablations
+    diagnostics = {"median_grad_s": 0.1, "median_grad_implicit_s": 0.2,
+                   "median_grad_speedup_vs_implicit": 2.0, "median_cos_sim_F": 0.9,
+                   "median_cos_sim": 0.9, "median_ref_rel_residual": 1e-6,
+                   "ref_converged_fraction": 1.0, "count": 2}
+    runs = {name: {"metrics": {"name": name, "scale": scale, "dataset": "digits",
+                               "estimator": "implicit", "optimizer": "adam", "model": {},
+                               "status": "finished", "reason": "", "pretrain_steps": 0,
+                               "best": 0.9, "final": 0.8, "epochs_completed": 1, "epochs": 1,
+                               "mean_step_s": 1.0, "peak_memory_mb": 10.0,
+                               "diagnostics": diagnostics}}
+            for name, scale in (("implicit_adam", "default"), ("implicit_big", "paper"))}
+    table = ablations.table(runs)
+    assert list(table.columns[:3]) == ["ablation", "scale", "dataset"]
+    assert list(zip(table.scale, table.dataset)) == [("default", "digits"), ("paper", "digits")]

@@ -1,8 +1,8 @@
 """Ablation table and training figures, from results/ablations/<name>/ only.
 
-* ``ablations_table.csv`` / ``.md``: one row per ablation: status, accuracy (best and
-  final epoch); the diagnostics-free time per step and its ratio to the matching
-  implicit run (same optimizer and dropout); the backward time from h* to the
+* ``ablations_table.csv`` / ``.md``: one row per ablation: scale, dataset, status,
+  accuracy (best and final epoch); the diagnostics-free time per step and its ratio to
+  the matching implicit run (same optimizer and dropout); the backward time from h* to the
   parameter gradients, repeat-timed side by side with implicit differentiation on the
   same batch and h*; the peak tensor memory of a training step; and the gradient's
   cosine with the reference over F's parameters, with the reference residual reached
@@ -73,7 +73,7 @@ def table(runs: dict[str, dict]) -> pd.DataFrame:
         if ref and m["mean_step_s"] and runs[ref]["metrics"]["mean_step_s"]:
             ratio = runs[ref]["metrics"]["mean_step_s"] / m["mean_step_s"]
         rows.append({
-            "ablation": name,
+            "ablation": name, "scale": m["scale"], "dataset": m["dataset"],
             "status": m["status"] if m["status"] == "finished" else f"FAILED: {m['reason']}",
             "estimator": est, "optimizer": m["optimizer"],
             "pretrain_steps": m["pretrain_steps"], "dropout": m["model"].get("dropout"),

@@ -1,6 +1,7 @@
 """IGNN tables and figures, from results/graph/<run>/ and results/node/<run>/ only.
 
-* ``graph_table.csv`` / ``.md``: one row per dataset x method x protocol. Graph datasets:
+* ``graph_table.csv`` / ``.md``: one row per dataset x method x protocol, with its scale.
+  Graph datasets:
   the official protocol (best test accuracy over epochs per fold, the paper's and IGNN's)
   from the official runs, the clean protocol (test accuracy at the best validation epoch)
   from the clean runs; mean ± std (population) over folds. Node datasets: both protocols
@@ -72,7 +73,8 @@ def table(runs: dict[str, dict]) -> pd.DataFrame:
         for protocol in protocols:
             stats = m[protocol]
             rows.append({
-                "dataset": m["dataset"], "task": m["task"], "method": m["estimator"]
+                "dataset": m["dataset"], "scale": m["scale"], "task": m["task"],
+                "method": m["estimator"]
                 + (f" (k={m['k']}, λ={m['lam']})" if m["estimator"] in ("upg", "npg") else ""),
                 "protocol": protocol + (" (paper's)" if protocol == "official" else ""),
                 "metric": "micro-F1 %" if node else "accuracy %",

@@ -1,11 +1,11 @@
 """DEQ-Transformer table and figures, from results/lm/<run>/ only (appendix §4.3).
 
-* ``lm_table.csv`` / ``.md``: one row per run: LN variant, estimator, f_thres, JR
-  (weight / frequency), status (a FAILED run with its reason), test perplexity (at the
-  best validation evaluation), the final training loss, the mean training step time, and
-  the time ratio against ``implicit`` + JR of the same LN variant (its mean step time over
-  this run's), beside the paper's numbers where reference.yaml has them (UPG + JR 0.1 at
-  f_thres 14 and 20; implicit + JR from the JR paper). Then one status row per claim of the appendix:
+* ``lm_table.csv`` / ``.md``: one row per run: scale, dataset, LN variant, estimator,
+  f_thres, JR (weight / frequency), status (a FAILED run with its reason), test perplexity
+  (at the best validation evaluation), the final training loss, the mean training step
+  time, and the time ratio against ``implicit`` + JR of the same LN variant (its mean step
+  time over this run's), beside the paper's numbers where reference.yaml has them (UPG +
+  JR 0.1 at f_thres 14 and 20; implicit + JR from the JR paper). Then one status row per claim of the appendix:
   "reproduced" when the run(s) meet the criterion written in the row, else "not
   reproduced at this scale"; "not available" when a run it needs is missing.
 * ``lm_ppl_time.png``: validation perplexity against cumulative training time (the timed
@@ -94,7 +94,8 @@ def table(runs: dict[str, dict]) -> pd.DataFrame:
         cfg = m.get("jacobian_reg") or {}
         failed = m["status"] == "failed"
         rows.append({
-            "run": name, "LN": variant(m), "estimator": m["estimator"]
+            "run": name, "scale": m["scale"], "dataset": m["dataset"], "LN": variant(m),
+            "estimator": m["estimator"]
             + (f" (k={m['k']}, λ={m['lam']})" if m["estimator"] in ("upg", "npg") else "")
             + (", λ = 1/ρ" if m.get("adaptive_lam_every") else ""),
             "forward steps mean / max": _steps(run["curves"]),
