@@ -1,5 +1,5 @@
 """The study figure modules on hand-made run dicts: each figure and table names the scale
-and the dataset of its runs."""
+and the dataset of its runs, and the lm time ratio needs a finished reference."""
 import pandas as pd
 import pytest
 
@@ -33,6 +33,19 @@ def test_scales_datasets_are_over_all_runs():
     metrics = [{"scale": "paper", "dataset": "b"}, {"scale": "default", "dataset": "a"},
                {"scale": "paper", "dataset": "a"}]
     assert scales_datasets(metrics) == ("default, paper", "a, b")
+
+
+def test_lm_time_ratio_needs_a_finished_reference():
+    runs = {"postln_implicit_jr": _lm_run("postln_implicit_jr", step_s=3.0),
+            "postln_upg": _lm_run("postln_upg", step_s=2.0)}
+    assert lm.time_ratio(runs, "postln_upg") == pytest.approx(1.5)
+    runs["postln_implicit_jr"] = _lm_run("postln_implicit_jr", status="failed", step_s=0.1)
+    assert lm.time_ratio(runs, "postln_upg") is None
+    table = lm.table(runs).set_index("run")
+    assert table.loc["postln_upg", "time ratio"] == "reference failed"
+    del runs["postln_implicit_jr"]
+    assert lm.time_ratio(runs, "postln_upg") is None
+    assert lm.table(runs).set_index("run").loc["postln_upg", "time ratio"] == "reference missing"
 
 
 def test_lm_table_and_figures_name_scale_and_dataset():

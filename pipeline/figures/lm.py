@@ -4,8 +4,9 @@
   f_thres, JR (weight / frequency), status (a FAILED run with its reason), test perplexity
   (at the best validation evaluation), the final training loss, the mean training step
   time, and the time ratio against ``implicit`` + JR of the same LN variant (its mean step
-  time over this run's), beside the paper's numbers where reference.yaml has them (UPG +
-  JR 0.1 at f_thres 14 and 20; implicit + JR from the JR paper). Then one status row per claim of the appendix:
+  time over this run's; "reference failed" unless that reference finished), beside the
+  paper's numbers where reference.yaml has them (UPG + JR 0.1 at f_thres 14 and 20;
+  implicit + JR from the JR paper). Then one status row per claim of the appendix:
   "reproduced" when the run(s) meet the criterion written in the row, else "not
   reproduced at this scale"; "not available" when a run it needs is missing.
 * ``lm_ppl_time.png``: validation perplexity against cumulative training time (the timed
@@ -63,13 +64,30 @@ def final_loss(run: dict) -> float | None:
     return float(trained[M.TRAIN_LOSS].tail(LAST_STEPS).mean()) if len(trained) else None
 
 
+def reference_problem(runs: dict, name: str) -> str | None:
+    """Why this run has no time ratio against implicit + JR (same LN variant), or None."""
+    ref = runs.get(REFERENCE[variant(runs[name]["metrics"])])
+    if ref is None:
+        return "reference missing"
+    return None if ref["metrics"]["status"] == "finished" else "reference failed"
+
+
 def time_ratio(runs: dict, name: str) -> float | None:
-    """Mean step time of implicit + JR (same LN variant) over this run's."""
+    """Mean step time of implicit + JR (same LN variant) over this run's; None unless that
+    reference finished."""
     m = runs[name]["metrics"]
-    ref = runs.get(REFERENCE[variant(m)])
-    if ref is None or not ref["metrics"].get("mean_step_s") or not m.get("mean_step_s"):
+    if reference_problem(runs, name):
         return None
-    return ref["metrics"]["mean_step_s"] / m["mean_step_s"]
+    ref = runs[REFERENCE[variant(m)]]["metrics"]
+    if not ref.get("mean_step_s") or not m.get("mean_step_s"):
+        return None
+    return ref["mean_step_s"] / m["mean_step_s"]
+
+
+def _ratio_cell(runs: dict, name: str):
+    """The table's time ratio, or why there is none."""
+    ratio = time_ratio(runs, name)
+    return ratio if ratio is not None else reference_problem(runs, name)
 
 
 def mean_steps(run: dict) -> float:
@@ -104,7 +122,7 @@ def table(runs: dict[str, dict]) -> pd.DataFrame:
             "status": f"FAILED: {m['reason']}" if failed else m["status"],
             "test ppl": m.get("test_ppl"), "val ppl": m.get("val_ppl"),
             "train loss": final_loss(run), "step s": m.get("mean_step_s"),
-            "time ratio": time_ratio(runs, name),
+            "time ratio": _ratio_cell(runs, name),
             "cos F": (m.get("diagnostics") or {}).get("median_cos_sim_F"),
             "paper": paper_text(f"results/lm/{name}/metrics.json", default="–"),
         })
