@@ -20,8 +20,8 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline import tracking as M
-from pipeline.figures.common import (ReportError, footer, load_results, plt, save,
-                                      scales_datasets, scope, write_caption)
+from pipeline.figures.common import (footer, load_results, plt, save, scales_datasets, scope,
+                                      write_caption)
 from pipeline.figures.report import paper_text
 from pipeline.io import atomic_path, write_json
 
