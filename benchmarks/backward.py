@@ -89,6 +89,7 @@ from typing import Callable, Optional
 import torch
 
 from pipeline.deq import EstimatorConfig, SolverConfig, attach_estimator, solve
+from pipeline.io import atomic_path
 from pipeline.memory import TensorMemory
 
 from benchmarks import ddp, diagnostics
@@ -494,9 +495,9 @@ def run(args) -> list[dict]:
 
 
 def write_csv(rows: list[dict], path: Path, columns: list[str] = COLUMNS) -> None:
-    """Floats with 6 significant digits; a column a row lacks is left empty."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as fh:
+    """Every benchmark's CSV, atomically: floats with 6 significant digits; a column a row
+    lacks is left empty, a key not in ``columns`` is dropped."""
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=columns)
         w.writeheader()
         for r in rows:
@@ -563,12 +564,13 @@ def _device_text(row: dict) -> str:
 
 
 def save_figure(fig, stem: Path) -> list[Path]:
-    """``stem``.png and ``stem``.pdf (150 dpi), then close the figure: every benchmark's."""
+    """``stem``.png and ``stem``.pdf (150 dpi), atomically, then close the figure: every
+    benchmark's."""
     import matplotlib.pyplot as plt
-    stem.parent.mkdir(parents=True, exist_ok=True)
     paths = [stem.with_suffix(".png"), stem.with_suffix(".pdf")]
     for p in paths:
-        fig.savefig(p, dpi=150)
+        with atomic_path(p) as tmp:  # tmp keeps the suffix: the format
+            fig.savefig(tmp, dpi=150)
     plt.close(fig)
     return paths
 
@@ -708,7 +710,7 @@ def main(argv=None) -> list[dict]:
         ddp_args = argparse.Namespace(config=args.config, steps=args.ddp_steps,
                                       warmup=args.ddp_warmup, batch=args.ddp_batch or args.batch,
                                       image_size=args.image_size)
-        ddp.write([ddp.run(ddp_args)], args.ddp_csv)
+        write_csv([ddp.run(ddp_args)], args.ddp_csv, ddp.COLUMNS)
         print(f"wrote {args.ddp_csv}")
     return rows
 

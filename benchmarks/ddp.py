@@ -18,7 +18,6 @@ the median step time of rank 0, the ratio 2 ranks / 1, and the machine.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import statistics
 import tempfile
@@ -123,15 +122,6 @@ def run(args, log=print) -> dict:
     return row
 
 
-def write(rows: list[dict], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=COLUMNS)
-        w.writeheader()
-        for r in rows:
-            w.writerow({c: (f"{r[c]:.6g}" if isinstance(r[c], float) else r[c]) for c in COLUMNS})
-
-
 def add_arguments(p, quick: bool = False) -> None:
     p.add_argument("--ddp-steps", type=int, default=2 if quick else 5,
                    help="timed DDP steps per process")
@@ -155,7 +145,8 @@ def main(argv=None) -> int:
     row = run(argparse.Namespace(config=args.config, steps=args.ddp_steps,
                                  warmup=args.ddp_warmup, batch=args.ddp_batch,
                                  image_size=args.image_size))
-    write([row], args.ddp_csv)
+    from benchmarks.backward import write_csv
+    write_csv([row], args.ddp_csv, COLUMNS)
     print(f"wrote {args.ddp_csv}")
     return 0
 

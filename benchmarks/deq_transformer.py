@@ -30,7 +30,6 @@ backward (a Broyden solve to b_thres) costs at least this much there.
 from __future__ import annotations
 
 import argparse
-import csv
 import statistics
 import time
 from dataclasses import dataclass
@@ -173,15 +172,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu")
 
 
-def write_csv(rows: list[dict], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 def main(args) -> list[dict]:
+    from benchmarks.backward import write_csv
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.repeats is None:
@@ -189,7 +181,7 @@ def main(args) -> list[dict]:
     rows = run(args)
     out = args.out_csv if args.out_csv != Path("results/benchmarks/backward.csv") \
         else Path("results/benchmarks/deq_transformer.csv")
-    write_csv(rows, out)
+    write_csv(rows, out, COLUMNS)
     print(f"wrote {out}")
     print(summary(rows))
     return rows

@@ -28,7 +28,6 @@ layer, the peak memory UPG / implicit, the projection share.
 from __future__ import annotations
 
 import argparse
-import csv
 import statistics
 import time
 from pathlib import Path
@@ -200,14 +199,6 @@ def run(args) -> list[dict]:
     return rows
 
 
-def write_csv(rows: list[dict], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 def summary(rows: list[dict]) -> str:
     by = {r["estimator"]: r for r in rows}
     imp, upg, npg = by["implicit"], by["upg"], by["npg"]
@@ -229,6 +220,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args) -> list[dict]:
+    from benchmarks.backward import write_csv
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.repeats is None:
@@ -238,7 +230,7 @@ def main(args) -> list[dict]:
     rows = run(args)
     out = args.out_csv if args.out_csv != Path("results/benchmarks/backward.csv") \
         else Path(f"results/benchmarks/{args.config}.csv")
-    write_csv(rows, out)
+    write_csv(rows, out, COLUMNS)
     print(f"wrote {out}")
     print(summary(rows))
     return rows

@@ -1,8 +1,8 @@
 """Ablation table and training figures, from results/ablations/<name>/ only.
 
-* ``ablations_table.csv`` / ``.md``: one row per ablation: status, accuracy (best and
-  final epoch); the diagnostics-free time per step and its ratio to the matching
-  implicit run (same optimizer and dropout); the backward time from h* to the
+* ``ablations_table.csv`` / ``.md``: one row per ablation: scale, dataset, status,
+  accuracy (best and final epoch); the diagnostics-free time per step and its ratio to
+  the matching implicit run (same optimizer and dropout); the backward time from h* to the
   parameter gradients, repeat-timed side by side with implicit differentiation on the
   same batch and h*; the peak tensor memory of a training step; and the gradient's
   cosine with the reference over F's parameters, with the reference residual reached
@@ -24,7 +24,8 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline import tracking as M
-from pipeline.figures.common import ReportError, load_results, plt, save, write_caption
+from pipeline.figures.common import (ReportError, load_results, plt, save, scales_datasets,
+                                      scope, write_caption)
 from pipeline.figures.report import paper_text
 from pipeline.io import atomic_path, write_json
 
@@ -72,7 +73,7 @@ def table(runs: dict[str, dict]) -> pd.DataFrame:
         if ref and m["mean_step_s"] and runs[ref]["metrics"]["mean_step_s"]:
             ratio = runs[ref]["metrics"]["mean_step_s"] / m["mean_step_s"]
         rows.append({
-            "ablation": name,
+            "ablation": name, "scale": m["scale"], "dataset": m["dataset"],
             "status": m["status"] if m["status"] == "finished" else f"FAILED: {m['reason']}",
             "estimator": est, "optimizer": m["optimizer"],
             "pretrain_steps": m["pretrain_steps"], "dropout": m["model"].get("dropout"),
@@ -101,9 +102,7 @@ def _pct(x):
 
 def header(runs: dict[str, dict]) -> str:
     m = next(iter(runs.values()))["metrics"]
-    scales = sorted({r["metrics"]["scale"] for r in runs.values()})
-    datasets = sorted({r["metrics"]["dataset"] for r in runs.values()})
-    return (f"MDEQ-Tiny ablations — scale: {', '.join(scales)}; dataset: {', '.join(datasets)}; "
+    return (f"MDEQ-Tiny ablations — {scope(r['metrics'] for r in runs.values())}; "
             f"{m['trainable_params']:,} trainable parameters; epochs {m['epochs']}")
 
 
@@ -166,9 +165,9 @@ def main(args) -> int:
                        f"{COLUMN_NOTE}\n")
     save(fig, out, "ablations_training")
     metrics = [r["metrics"] for r in runs.values()]
+    scale, dataset = scales_datasets(metrics)
     write_caption(out / "ablations_caption.rst", what=header(runs),
-                  scale=", ".join(sorted({m["scale"] for m in metrics})),
-                  dataset=", ".join(sorted({m["dataset"] for m in metrics})),
+                  scale=scale, dataset=dataset,
                   run_ids=[m["mlflow_run_id"] for m in metrics if m.get("mlflow_run_id")],
                   commits=[m["git_commit"] for m in metrics])
     # the study's summary metrics, for `dvc metrics show` / `dvc exp show`

@@ -11,7 +11,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from pipeline.io import atomic_path, read_json  # noqa: E402
 
-__all__ = ["ReportError", "load_results", "plt", "save", "write_caption"]
+__all__ = ["ReportError", "footer", "load_results", "plt", "save", "scales_datasets", "scope",
+           "write_caption"]
 
 
 class ReportError(RuntimeError):
@@ -31,6 +32,23 @@ def load_results(result_dirs, check, csvs=("curves",), key=lambda m: m["name"]) 
             raise ReportError(f"{d}/metrics.json {why}")
         out[key(metrics)] = {"metrics": metrics, **{c: pd.read_csv(d / f"{c}.csv") for c in csvs}}
     return out
+
+
+def scales_datasets(metrics) -> tuple[str, str]:
+    """The scales and the datasets over all the runs' metrics, each sorted and comma-joined."""
+    metrics = list(metrics)
+    return tuple(", ".join(sorted({str(m[key]) for m in metrics})) or "none"
+                 for key in ("scale", "dataset"))
+
+
+def scope(metrics) -> str:
+    """``scale: ...; dataset: ...`` over all the runs."""
+    return "scale: {}; dataset: {}".format(*scales_datasets(metrics))
+
+
+def footer(fig, text: str) -> None:
+    """A grey note below the axes; save's bbox_inches="tight" keeps it in the image."""
+    fig.text(0.5, -0.01, text, ha="center", va="top", fontsize=8, color="0.35")
 
 
 def save(fig, out_dir: Path, name: str) -> list[Path]:

@@ -1,6 +1,7 @@
 """IGNN tables and figures, from results/graph/<run>/ and results/node/<run>/ only.
 
-* ``graph_table.csv`` / ``.md``: one row per dataset x method x protocol. Graph datasets:
+* ``graph_table.csv`` / ``.md``: one row per dataset x method x protocol, with its scale.
+  Graph datasets:
   the official protocol (best test accuracy over epochs per fold, the paper's and IGNN's)
   from the official runs, the clean protocol (test accuracy at the best validation epoch)
   from the clean runs; mean ± std (population) over folds. Node datasets: both protocols
@@ -13,6 +14,8 @@
 * ``graph_dynamics.png``: forward solver residual (its stop norm, worst layer) and
   rho(dF/dh), rho(dF_lam/dh) over training steps, per method.
 
+Each figure's footer names the scales and the datasets of the runs it plots.
+
     python -m pipeline report-graph --results results/graph/mutag_upg_official ... --out figures/graph
 """
 from __future__ import annotations
@@ -22,7 +25,8 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline import tracking as M
-from pipeline.figures.common import ReportError, load_results, plt, save, write_caption
+from pipeline.figures.common import (ReportError, footer, load_results, plt, save,
+                                      scales_datasets, scope, write_caption)
 from pipeline.figures.report import paper_text, paper_values
 from pipeline.io import atomic_path, write_json
 
@@ -69,7 +73,8 @@ def table(runs: dict[str, dict]) -> pd.DataFrame:
         for protocol in protocols:
             stats = m[protocol]
             rows.append({
-                "dataset": m["dataset"], "task": m["task"], "method": m["estimator"]
+                "dataset": m["dataset"], "scale": m["scale"], "task": m["task"],
+                "method": m["estimator"]
                 + (f" (k={m['k']}, λ={m['lam']})" if m["estimator"] in ("upg", "npg") else ""),
                 "protocol": protocol + (" (paper's)" if protocol == "official" else ""),
                 "metric": "micro-F1 %" if node else "accuracy %",
@@ -96,10 +101,8 @@ def table(runs: dict[str, dict]) -> pd.DataFrame:
 
 
 def header(runs: dict[str, dict]) -> str:
-    any_run = next(iter(runs.values()))["metrics"]
-    datasets = sorted({r["metrics"]["dataset"] for r in runs.values()})
-    return (f"# IGNN with phantom gradients (appendix §4.3)\n\nscale: {any_run['scale']}; "
-            f"datasets: {', '.join(datasets)}")
+    return (f"# IGNN with phantom gradients (appendix §4.3)\n\n"
+            f"{scope(r['metrics'] for r in runs.values())}")
 
 
 def plot_folds(runs):
@@ -116,6 +119,7 @@ def plot_folds(runs):
     ax.set_title("accuracy per fold")
     if graph:
         ax.legend(fontsize=7)
+    footer(fig, f"IGNN graph classification — {scope(r['metrics'] for r in graph)}")
     return fig
 
 
@@ -133,6 +137,7 @@ def plot_f1(runs):
     ax.set_title("micro-F1 across seeds")
     if node:
         ax.legend(fontsize=6, ncol=2)
+    footer(fig, f"IGNN node classification — {scope(r['metrics'] for r in node)}")
     return fig
 
 
@@ -155,6 +160,7 @@ def plot_dynamics(runs):
     axes[1].set_ylabel("spectral radius at h*")
     for ax in axes:
         ax.legend(fontsize=6)
+    footer(fig, f"IGNN — {scope(r['metrics'] for r in runs.values())}")
     return fig
 
 
@@ -177,9 +183,9 @@ def main(args) -> int:
     save(plot_f1(runs), out, "graph_f1")
     save(plot_dynamics(runs), out, "graph_dynamics")
     metrics = [r["metrics"] for r in runs.values()]
+    scale, dataset = scales_datasets(metrics)
     write_caption(out / "graph_caption.rst", what=header(runs),
-                  scale=", ".join(sorted({m["scale"] for m in metrics})),
-                  dataset=", ".join(sorted({m["dataset"] for m in metrics})),
+                  scale=scale, dataset=dataset,
                   run_ids=[i for m in metrics for i in
                            [m.get("mlflow_parent_run_id"),
                             *(u.get("mlflow_run_id") for u in m["units"])] if i],

@@ -1,18 +1,19 @@
 """DEQ-Transformer table and figures, from results/lm/<run>/ only (appendix §4.3).
 
-* ``lm_table.csv`` / ``.md``: one row per run: LN variant, estimator, f_thres, JR
-  (weight / frequency), status (a FAILED run with its reason), test perplexity (at the
-  best validation evaluation), the final training loss, the mean training step time, and
-  the time ratio against ``implicit`` + JR of the same LN variant (its mean step time over
-  this run's), beside the paper's numbers where reference.yaml has them (UPG + JR 0.1 at
-  f_thres 14 and 20; implicit + JR from the JR paper). Then one status row per claim of the appendix:
+* ``lm_table.csv`` / ``.md``: one row per run: scale, dataset, LN variant, estimator,
+  f_thres, JR (weight / frequency), status (a FAILED run with its reason), test perplexity
+  (at the best validation evaluation), the final training loss, the mean training step
+  time, and the time ratio against ``implicit`` + JR of the same LN variant (its mean step
+  time over this run's; "reference failed" unless that reference finished), beside the
+  paper's numbers where reference.yaml has them (UPG + JR 0.1 at f_thres 14 and 20;
+  implicit + JR from the JR paper). Then one status row per claim of the appendix:
   "reproduced" when the run(s) meet the criterion written in the row, else "not
   reproduced at this scale"; "not available" when a run it needs is missing.
 * ``lm_ppl_time.png``: validation perplexity against cumulative training time (the timed
   training steps, pretraining included) per run; a FAILED run ends in a cross where it was
   marked FAILED.
 * ``lm_rho.png``: rho(dF/dh) at h* over training steps (the diagnostics points), and the
-  adaptive run's lambda = 1/rho.
+  adaptive run's lambda = 1/rho. Each figure's footer names the scales and the datasets.
 
     python -m pipeline report-lm --results results/lm/postln_upg results/lm/... --out figures/lm
 """
@@ -23,7 +24,8 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline import tracking as M
-from pipeline.figures.common import ReportError, load_results, plt, save, write_caption
+from pipeline.figures.common import (ReportError, footer, load_results, plt, save,
+                                      scales_datasets, scope, write_caption)
 from pipeline.figures.report import paper_text, paper_values
 from pipeline.io import atomic_path, write_json
 
@@ -62,13 +64,30 @@ def final_loss(run: dict) -> float | None:
     return float(trained[M.TRAIN_LOSS].tail(LAST_STEPS).mean()) if len(trained) else None
 
 
+def reference_problem(runs: dict, name: str) -> str | None:
+    """Why this run has no time ratio against implicit + JR (same LN variant), or None."""
+    ref = runs.get(REFERENCE[variant(runs[name]["metrics"])])
+    if ref is None:
+        return "reference missing"
+    return None if ref["metrics"]["status"] == "finished" else "reference failed"
+
+
 def time_ratio(runs: dict, name: str) -> float | None:
-    """Mean step time of implicit + JR (same LN variant) over this run's."""
+    """Mean step time of implicit + JR (same LN variant) over this run's; None unless that
+    reference finished."""
     m = runs[name]["metrics"]
-    ref = runs.get(REFERENCE[variant(m)])
-    if ref is None or not ref["metrics"].get("mean_step_s") or not m.get("mean_step_s"):
+    if reference_problem(runs, name):
         return None
-    return ref["metrics"]["mean_step_s"] / m["mean_step_s"]
+    ref = runs[REFERENCE[variant(m)]]["metrics"]
+    if not ref.get("mean_step_s") or not m.get("mean_step_s"):
+        return None
+    return ref["mean_step_s"] / m["mean_step_s"]
+
+
+def _ratio_cell(runs: dict, name: str):
+    """The table's time ratio, or why there is none."""
+    ratio = time_ratio(runs, name)
+    return ratio if ratio is not None else reference_problem(runs, name)
 
 
 def mean_steps(run: dict) -> float:
@@ -93,7 +112,8 @@ def table(runs: dict[str, dict]) -> pd.DataFrame:
         cfg = m.get("jacobian_reg") or {}
         failed = m["status"] == "failed"
         rows.append({
-            "run": name, "LN": variant(m), "estimator": m["estimator"]
+            "run": name, "scale": m["scale"], "dataset": m["dataset"], "LN": variant(m),
+            "estimator": m["estimator"]
             + (f" (k={m['k']}, λ={m['lam']})" if m["estimator"] in ("upg", "npg") else "")
             + (", λ = 1/ρ" if m.get("adaptive_lam_every") else ""),
             "forward steps mean / max": _steps(run["curves"]),
@@ -102,7 +122,7 @@ def table(runs: dict[str, dict]) -> pd.DataFrame:
             "status": f"FAILED: {m['reason']}" if failed else m["status"],
             "test ppl": m.get("test_ppl"), "val ppl": m.get("val_ppl"),
             "train loss": final_loss(run), "step s": m.get("mean_step_s"),
-            "time ratio": time_ratio(runs, name),
+            "time ratio": _ratio_cell(runs, name),
             "cos F": (m.get("diagnostics") or {}).get("median_cos_sim_F"),
             "paper": paper_text(f"results/lm/{name}/metrics.json", default="–"),
         })
@@ -199,8 +219,7 @@ def header(runs: dict[str, dict]) -> str:
     metrics = [r["metrics"] for r in runs.values()]
     params = {m.get("trainable_params") for m in metrics}
     return (f"# DEQ-Transformer with UPG + Jacobian regularization (appendix §4.3)\n\n"
-            f"scale: {', '.join(sorted({m['scale'] for m in metrics}))}; dataset: "
-            f"{', '.join(sorted({m['dataset'] for m in metrics}))}; parameters: "
+            f"{scope(metrics)}; parameters: "
             f"{', '.join(f'{p:,}' for p in sorted(p for p in params if p))}; steps: "
             f"{max(m['steps'] for m in metrics)}")
 
@@ -229,6 +248,7 @@ def plot_ppl_time(runs):
     ax.set_yscale("log")
     ax.set_title("perplexity against wall time")
     ax.legend(fontsize=6, ncol=2)
+    footer(fig, f"DEQ-Transformer — {scope(r['metrics'] for r in runs.values())}")
     return fig
 
 
@@ -252,6 +272,7 @@ def plot_rho(runs):
     ax.set_ylabel("spectral radius at h* (power method)")
     ax.set_title("ρ over training (dashed: where a run was marked FAILED)")
     ax.legend(fontsize=6, ncol=2)
+    footer(fig, f"DEQ-Transformer — {scope(r['metrics'] for r in runs.values())}")
     return fig
 
 
@@ -273,9 +294,9 @@ def main(args) -> int:
     save(plot_ppl_time(runs), out, "lm_ppl_time")
     save(plot_rho(runs), out, "lm_rho")
     metrics = [r["metrics"] for r in runs.values()]
+    scale, dataset = scales_datasets(metrics)
     write_caption(out / "lm_caption.rst", what=header(runs),
-                  scale=", ".join(sorted({m["scale"] for m in metrics})),
-                  dataset=", ".join(sorted({m["dataset"] for m in metrics})),
+                  scale=scale, dataset=dataset,
                   run_ids=[m["mlflow_run_id"] for m in metrics if m.get("mlflow_run_id")],
                   commits=[m["git_commit"] for m in metrics])
     write_json({"runs": {name: {"status": r["metrics"]["status"],

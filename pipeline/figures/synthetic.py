@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.figures.common import plt, save, write_caption
+from pipeline.figures.common import footer, plt, save, write_caption
 from pipeline.io import atomic_path, read_json, write_json
 
 LAYOUT_TEXT = {"per_pair": "one Broyden per (u, y) pair on its N x D vector (per_pair)",
@@ -37,7 +37,6 @@ def load(result_dirs: list[str | Path]) -> dict[float, dict]:
 
 
 def _footer(fig, summary: dict, dynamics: bool = False) -> None:
-    # below the axes; savefig(bbox_inches="tight") keeps it in the image
     s = summary
     lines = [f"scale: {s['scale']} | {s['pairs']} (u, y) pairs of N x D = {s['rows']} x "
              f"{s['dim']}, {s['dtype']} on {s['device']} | u ~ N(0, {s['u_scale']:g}²), "
@@ -50,7 +49,7 @@ def _footer(fig, summary: dict, dynamics: bool = False) -> None:
                      f"backward solver: {s['dynamics_solver']}, "
                      f"{LAYOUT_TEXT[s['dynamics_layout']]}; phantom: NPG iterate with "
                      f"k = step, λ = {s['dynamics_phantom_lam']:g}")
-    fig.text(0.5, -0.01, "\n".join(lines), ha="center", va="top", fontsize=8, color="0.35")
+    footer(fig, "\n".join(lines))
 
 
 def plot_cosine(study: dict, Lh: float):

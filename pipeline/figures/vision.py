@@ -9,7 +9,7 @@
   paper's dataset at the paper's scale: a run on another dataset (the digits stand-ins of
   the default scale) is marked not comparable, whatever its number.
 * ``vision_training.png``: training loss per step, one line per run, and rho / rho_lambda
-  per run.
+  per run; its footer names the scales and the datasets of the runs.
 
     python -m pipeline report-vision --results results/vision/cifar10_large_upg ... --out figures/vision
 """
@@ -20,7 +20,8 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline import tracking as M
-from pipeline.figures.common import ReportError, load_results, plt, save, write_caption
+from pipeline.figures.common import (footer, load_results, plt, save, scales_datasets, scope,
+                                      write_caption)
 from pipeline.figures.report import paper_text
 from pipeline.io import atomic_path, write_json
 
@@ -76,9 +77,7 @@ def table(runs: dict[str, dict]) -> pd.DataFrame:
 
 
 def header(runs: dict[str, dict]) -> str:
-    metrics = [r["metrics"] for r in runs.values()]
-    scales = ", ".join(sorted({m["scale"] for m in metrics}))
-    datasets = ", ".join(sorted({m["dataset"] for m in metrics}))
+    scales, datasets = scales_datasets(r["metrics"] for r in runs.values())
     return (f"MDEQ (large) on CIFAR-10-style and MDEQ-Small on ImageNet-style data (appendix §4.3): "
             f"best top-1 / top-5 accuracy (%) per run, rho(dF/dh) and rho(dF_lam/dh) on "
             f"validation batches after training. Scale: {scales}. Datasets: {datasets}.")
@@ -103,6 +102,7 @@ def plot_training(runs: dict[str, dict]):
     axes[1].set_xticks(list(xs), [n for n, _ in spectral], rotation=30, ha="right", fontsize=6)
     axes[1].set_ylabel("spectral radius at h* (validation, mean)")
     axes[1].legend(fontsize=6)
+    footer(fig, f"MDEQ vision runs — {scope(runs[n]['metrics'] for n in names)}")
     return fig
 
 
@@ -121,9 +121,9 @@ def main(args) -> int:
         tmp.write_text(f"{header(runs)}\n\n{frame.to_markdown(index=False, floatfmt='.4g')}\n")
     save(plot_training(runs), out, "vision_training")
     metrics = [r["metrics"] for r in runs.values()]
+    scale, dataset = scales_datasets(metrics)
     write_caption(out / "vision_caption.rst", what=header(runs),
-                  scale=", ".join(sorted({m["scale"] for m in metrics})),
-                  dataset=", ".join(sorted({m["dataset"] for m in metrics})),
+                  scale=scale, dataset=dataset,
                   run_ids=[m["mlflow_run_id"] for m in metrics if m.get("mlflow_run_id")],
                   commits=[m["git_commit"] for m in metrics])
     write_json({name: {"status": r["metrics"]["status"], "best": r["metrics"]["best"],
