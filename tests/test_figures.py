@@ -116,3 +116,22 @@ def test_ablations_table_names_scale_and_dataset():
     table = ablations.table(runs)
     assert list(table.columns[:3]) == ["ablation", "scale", "dataset"]
     assert list(zip(table.scale, table.dataset)) == [("default", "digits"), ("paper", "digits")]
+
+
+def test_ablations_table_says_whether_the_speedups_implicit_reference_converged():
+    from pipeline.figures import ablations
+    base = {"median_grad_s": 0.1, "median_grad_implicit_s": 0.2,
+            "median_grad_speedup_vs_implicit": 2.0, "median_cos_sim_F": 0.9,
+            "median_cos_sim": 0.9, "median_ref_rel_residual": 1e-6,
+            "ref_converged_fraction": 1.0, "count": 4}
+    runs = {name: {"metrics": {"name": name, "scale": "default", "dataset": "digits",
+                               "estimator": "upg", "k": 5, "lam": 0.5, "optimizer": "sgd",
+                               "model": {}, "status": "finished", "reason": "",
+                               "pretrain_steps": 0, "best": 0.9, "final": 0.8,
+                               "epochs_completed": 1, "epochs": 1, "mean_step_s": 1.0,
+                               "peak_memory_mb": 10.0,
+                               "diagnostics": {**base, "implicit_converged_fraction": frac}}}
+            for name, frac in (("half", 0.5), ("none", 0.0))}
+    table = ablations.table(runs).set_index("ablation")
+    assert table.loc["half", "implicit_converged"] == "50% of 4"
+    assert table.loc["none", "implicit_converged"] == "0% of 4"

@@ -36,7 +36,9 @@ COLUMN_NOTE = (
     "Paper values: pipeline/figures/reference.yaml (\"not available\": the paper's ablation "
     "table could not be read). Backward speedup: the time from h* to the parameter gradients, "
     "median of repeats after a warm-up, alternating with implicit differentiation (the run's "
-    "b_thres) on the same batch and h*. "
+    "b_thres) on the same batch and h*; implicit converged: the share of those implicit "
+    "solves that met b_tol within b_thres (the speedup is against the paper's budget, "
+    "converged or not). "
     "cos F: cosine of the applied gradient with the exact implicit gradient at the h* the "
     "forward solver found (GMRES per sample, float64), over F's parameters, median over the "
     "diagnostics whose reference converged; ref residual: the worst per-sample relative "
@@ -84,6 +86,9 @@ def table(runs: dict[str, dict]) -> pd.DataFrame:
             "train_speedup_vs_implicit": ratio, "implicit_run": ref or "",
             "grad_s": d["median_grad_s"], "grad_implicit_s": d["median_grad_implicit_s"],
             "backward_speedup_vs_implicit": d["median_grad_speedup_vs_implicit"],
+            "implicit_converged": (f"{d['implicit_converged_fraction']:.0%} of {d['count']}"
+                                   if d.get("implicit_converged_fraction") is not None
+                                   else "no diagnostics"),
             "paper_backward_speedup": paper_text(
                 f"results/ablations/{name}/metrics.json",
                 "diagnostics.median_grad_speedup_vs_implicit"),
