@@ -12,12 +12,18 @@ from pathlib import Path
 from typing import Iterator
 
 
+# In every temporary name: what a SIGKILL (which no handler sees) leaves behind is
+# matched by .dvcignore, so DVC never versions it, and named by this marker.
+PARTIAL = ".partial-"
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path in the same directory; rename it to ``path`` on success."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}{PARTIAL}",
+                               suffix=path.suffix)
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)

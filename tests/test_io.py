@@ -56,3 +56,34 @@ def test_write_csv_round_trip(tmp_path):
     pd.testing.assert_frame_equal(back, frame)
     assert path.read_text().splitlines()[0] == "estimator,k,lam,cos_mean", "index written"
     assert [p.name for p in tmp_path.iterdir()] == ["grid.csv"]
+
+
+def test_what_a_sigkill_leaves_is_named_partial_and_ignored_by_dvc(tmp_path, repo_root, venv_bin):
+    """SIGKILL skips atomic_path's clean-up: the half-written temporary stays, but its name
+    says so and .dvcignore keeps it out of a versioned results folder."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    target = tmp_path / "metrics.json"
+    writer = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\n"
+        "from pipeline.io import atomic_path\n"
+        f"with atomic_path({str(target)!r}) as tmp:\n"
+        "    tmp.write_text('half')\n"
+        "    print('writing', flush=True)\n"
+        "    time.sleep(60)\n")], stdout=subprocess.PIPE, text=True, cwd=repo_root)
+    assert writer.stdout.readline().strip() == "writing"
+    writer.send_signal(signal.SIGKILL)
+    writer.wait(timeout=10)
+    time.sleep(0.1)
+    left = [p.name for p in tmp_path.iterdir()]
+    assert not target.exists() and len(left) == 1 and ".partial-" in left[0], left
+    inside = f"results/ablations/mdeq/{left[0]}"        # where a killed job would leave it
+    check = subprocess.run([str(venv_bin / "dvc"), "check-ignore", inside], cwd=repo_root,
+                           capture_output=True, text=True)
+    assert check.returncode == 0 and check.stdout.strip() == inside, check
+    kept = subprocess.run([str(venv_bin / "dvc"), "check-ignore",
+                           "results/ablations/mdeq/metrics.json"],
+                          cwd=repo_root, capture_output=True, text=True)
+    assert kept.returncode == 1, "the finished file itself must stay versioned"
