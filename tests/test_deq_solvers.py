@@ -185,6 +185,24 @@ def test_fixed_point_reports_failure_on_a_non_contraction():
     assert stats.abs_residual == min(stats.abs_trace)
 
 
+@pytest.mark.parametrize("stop_mode", ["rel", "abs"])
+def test_a_float32_blow_up_is_a_divergence_not_a_convergence(stop_mode):
+    """F(h) = 1.5h + 1 in float32: ||F(h)|| overflows to inf (past ~1.8e19) a step before
+    ||F(h) - h|| does, and finite / inf = 0 used to read as converged at |h| ~ 1e19."""
+    f = lambda h: 1.5 * h + 1.0  # noqa: E731
+    x0 = torch.zeros(2, 4, dtype=torch.float32)
+    _, stats = get_solver("fixed_point")(f, x0, 300, 1e-6, stop_mode)
+    assert stats.diverged and not stats.converged, stats.reason
+    assert "non-finite residual" in stats.reason
+
+
+def test_bptt_reports_a_float32_blow_up_as_diverged():
+    from pipeline.deq.grad import _bptt
+    f = lambda h: 1.5 * h + 1.0  # noqa: E731
+    _, stats = _bptt(f, torch.zeros(2, 4), SolverConfig("fixed_point", 300, 1e-6, "rel"))
+    assert stats.diverged and not stats.converged
+
+
 @pytest.mark.parametrize("name,max_iter", [("fixed_point", 30), ("anderson", 30),
                                            ("broyden", 15)])
 def test_solver_returns_its_best_iterate_not_its_last(name, max_iter):

@@ -47,7 +47,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from .solvers import SolverConfig, SolverStats, solve
+from .solvers import SolverConfig, SolverStats, residuals, solve
 
 Tensor = torch.Tensor
 Func = Callable[[Tensor], Tensor]
@@ -365,9 +365,7 @@ def _bptt(func: Func, h0: Tensor, solver: SolverConfig) -> tuple[Tensor, SolverS
     for step in range(solver.max_iter + 1):
         fh = func(h)
         with torch.no_grad():
-            abs_res = torch.linalg.vector_norm(fh - h).item()
-            rel_res = abs_res / (torch.linalg.vector_norm(fh).item() + 1e-12)
-            inf_res = (fh - h).abs().max().item() if solver.stop_mode == "inf" else math.nan
+            abs_res, rel_res, inf_res = residuals(h, fh, solver.stop_mode == "inf")
         stats.abs_trace.append(abs_res)
         stats.rel_trace.append(rel_res)
         stats.nstep = stats.best_step = step
@@ -375,7 +373,7 @@ def _bptt(func: Func, h0: Tensor, solver: SolverConfig) -> tuple[Tensor, SolverS
         if solver.stop_mode == "inf":
             stats.inf_trace.append(inf_res)
         value = {"rel": rel_res, "abs": abs_res, "inf": inf_res}[solver.stop_mode]
-        if not math.isfinite(value):
+        if not (math.isfinite(value) and math.isfinite(abs_res) and math.isfinite(rel_res)):
             stats.diverged, stats.reason = True, f"non-finite residual at step {step}"
             break
         if value <= solver.tol:

@@ -107,6 +107,18 @@ class SolverConfig:
                              "or 'abs'")
 
 
+def residuals(x: Tensor, fx: Tensor, with_inf: bool) -> tuple[float, float, float]:
+    """(||F(x) - x||, that over ||F(x)||, max |F(x) - x| or NaN). A non-finite ||F(x)||
+    makes the relative residual inf, never 0: in float32 the norm overflows (past ~1.8e19)
+    before ||F(x) - x|| does, and finite / inf would read as converged."""
+    diff = fx - x
+    abs_res = torch.linalg.vector_norm(diff).item()
+    fx_norm = torch.linalg.vector_norm(fx).item()
+    rel_res = abs_res / (fx_norm + 1e-12) if math.isfinite(fx_norm) else math.inf
+    inf_res = diff.abs().max().item() if with_inf else math.nan
+    return abs_res, rel_res, inf_res
+
+
 class _Tracker:
     """Residual bookkeeping shared by all solvers: traces, best iterate, stopping."""
 
@@ -118,10 +130,7 @@ class _Tracker:
 
     def record(self, step: int, x: Tensor, fx: Tensor) -> bool:
         """Record iterate ``x`` with value ``fx = F(x)``; return True to stop."""
-        diff = fx - x
-        abs_res = torch.linalg.vector_norm(diff).item()
-        rel_res = abs_res / (torch.linalg.vector_norm(fx).item() + 1e-12)
-        inf_res = diff.abs().max().item() if self.stop_mode == "inf" else math.nan
+        abs_res, rel_res, inf_res = residuals(x, fx, self.stop_mode == "inf")
         if not (math.isfinite(abs_res) and math.isfinite(rel_res)):
             self.stats.diverged = True
             self.stats.reason = f"non-finite residual at step {step}"
