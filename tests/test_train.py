@@ -317,11 +317,20 @@ class _BrokenImage(task_registry.ImageTask):
         loss, metrics = super().loss(model, batch, solver, estimator)
         if self.calls == 3 and self.fault == "nan_loss":
             loss = loss * float("nan")
+        if self.calls == 3 and self.fault == "nan_grad":  # a finite loss, a NaN gradient
+            loss.register_hook(lambda g: g * float("nan"))
         return loss, metrics
+
+    def evaluate(self, model, solver, estimator):
+        values = super().evaluate(model, solver, estimator)
+        if self.fault == "nan_eval":
+            values[self.primary_metric] = float("nan")
+        return values
 
 
 @pytest.mark.parametrize("fault, fragment", [("nan_loss", "non-finite loss nan at step 2"),
-                                             ("inf_state", "forward solver: non-finite residual")])
+                                             ("inf_state", "forward solver: non-finite residual"),
+                                             ("nan_grad", "non-finite gradient norm nan at step 2")])
 def test_nan_loss_and_solver_divergence_are_recorded_as_failed(digits, tmp_path, fault, fragment):
     task_registry.register_task("broken_image")(_BrokenImage)
     try:
@@ -331,6 +340,18 @@ def test_nan_loss_and_solver_divergence_are_recorded_as_failed(digits, tmp_path,
         m = _failed_run(tmp_path, fault, params, digits, uri)
         assert fragment in m["reason"], m["reason"]
         assert m["steps"] == 2 and len(pd.read_csv(tmp_path / fault / "curves.csv")) == 2
+    finally:
+        task_registry.TASKS.pop("broken_image")
+
+
+def test_a_non_finite_evaluation_is_a_failed_run(digits, tmp_path):
+    task_registry.register_task("broken_image")(_BrokenImage)
+    try:
+        _BrokenImage.fault = "nan_eval"
+        uri = f"sqlite:///{tmp_path}/mlflow.db"
+        params = {**TINY, "task": "broken_image", "pretrain_steps": 0}
+        m = _failed_run(tmp_path, "nan_eval", params, digits, uri)
+        assert "non-finite evaluation" in m["reason"] and "nan at step 3" in m["reason"], m
     finally:
         task_registry.TASKS.pop("broken_image")
 

@@ -379,6 +379,8 @@ def train(cfg: TrainConfig, task, tracker, checkpoint: Path | None = None, log=p
     def evaluate(epoch_s: float | None) -> None:
         values = _evaluate(cfg, task, model, d)
         value = values[metric]
+        if not math.isfinite(value):
+            raise Divergence(f"non-finite evaluation {metric} {value} at step {state['step']}")
         better = (state["best"] is None
                   or (value > state["best"] if task.higher_is_better else value < state["best"]))
         if better:
@@ -576,6 +578,11 @@ def _step(cfg: TrainConfig, task, model, opt, sched, batch, state: dict,
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     del layers
     t3 = clock(cfg.device)
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if grads:  # the same on every rank (averaged); never step on a non-finite gradient
+        norm = torch.linalg.vector_norm(torch.stack([g.detach().norm() for g in grads])).item()
+        if not math.isfinite(norm):
+            raise Divergence(f"non-finite gradient norm {norm} at step {step}")
     opt.step()
     sched.step()
     t4 = clock(cfg.device)
