@@ -156,6 +156,7 @@ def _check_semantics(params: dict) -> None:
     """Checks a JSON schema cannot express: names that must exist in the package registries."""
     from pipeline.deq import ESTIMATORS, LINEAR_SOLVERS, SOLVERS
     from pipeline.experiments.tasks import TASKS
+    from pipeline.experiments.train import TrainConfig
 
     def check(key: str, value: str, valid) -> None:
         if value not in valid:
@@ -184,6 +185,10 @@ def _check_semantics(params: dict) -> None:
             for key, valid in checks:
                 if key in merged:
                     check(_origin(params, study, name, [key]), merged[key], valid)
+            try:
+                TrainConfig.from_params(merged)
+            except ValueError as err:
+                raise ParamsError(f"invalid params.yaml:\n  {study}.runs.{name}: {err}") from None
             data = merged.get("data", {})
             if merged.get("task") == "imagefolder" and data["resize"] < data["crop"]:
                 raise ParamsError(f"invalid params.yaml:\n  {_origin(params, study, name, ['data', 'resize'])}: "

@@ -154,6 +154,23 @@ def test_bad_model_block_is_refused_before_any_job(raw, model, fragments):
     _rejects(params, *fragments)
 
 
+@pytest.mark.parametrize("study, run, changes, fragments", [
+    ("ablations", "sgd", {"estimator": "bptt"}, ["diagnostics_every: 40", "'bptt'"]),
+    ("vision", "cifar10_large_upg", {"estimator": "unrolled", "diagnostics_every": 0},
+     ["spectral_batches: 1", "'unrolled'"]),
+    ("lm", "postln_upg_jr_f14", {"estimator": "bptt", "diagnostics_every": 0},
+     ["jacobian_reg.weight", "'bptt'"]),
+    ("ablations", "sgd", {"momentum": 0.0, "nesterov": True}, ["nesterov", "momentum > 0"]),
+    ("ablations", "sgd", {"lr_decay_epochs": [1]}, ["lr_decay_epochs: [1]", "'cosine'"]),
+    ("graph", "mutag_upg_clean", {"b_solver": "gmres"}, ["stop_mode='inf'", "'gmres'"]),
+])
+def test_combinations_that_would_fail_inside_a_job_are_refused_first(raw, study, run, changes,
+                                                                     fragments):
+    params = copy.deepcopy(raw)
+    params[study]["runs"][run].update(changes)
+    _rejects(params, f"{study}.runs.{run}", *fragments)
+
+
 def test_unknown_task_lists_the_valid_ones(raw):
     params = copy.deepcopy(raw)
     params["ablations"]["runs"]["mdeq"]["task"] = "text"

@@ -143,8 +143,27 @@ class TrainConfig:
             raise ValueError(f"unknown run keys {unknown}; valid keys: {sorted(names)}")
         cfg = cls(**params)
         get_task(cfg.task)
-        cfg.jacobian_reg_config  # validates the block
+        cfg.check()
         return cfg
+
+    def check(self) -> None:
+        """Combinations that would fail inside a job (or be silently ignored): refused here,
+        where params.yaml is validated, before any job starts."""
+        jr = self.jacobian_reg_config  # validates the block
+        if self.estimator in ("bptt", "unrolled"):  # no fixed point h* is recorded
+            for key, value in (("diagnostics_every", self.diagnostics_every),
+                               ("adaptive_lam_every", self.adaptive_lam_every),
+                               ("spectral_batches", self.spectral_batches),
+                               ("jacobian_reg.weight", jr.weight)):
+                if value:
+                    raise ValueError(f"{key}: {value} needs the fixed point h*, which estimator "
+                                     f"{self.estimator!r} does not record; set it to 0")
+        if self.optimizer == "sgd" and self.nesterov and self.momentum <= 0:
+            raise ValueError(f"nesterov: true needs momentum > 0, not {self.momentum}")
+        if self.lr_decay_epochs and self.schedule != "multistep":
+            raise ValueError(f"lr_decay_epochs: {self.lr_decay_epochs} is used by schedule "
+                             f"multistep only, not {self.schedule!r}")
+        self.forward_solver, self.estimator_config  # SolverConfig's own checks
 
     @property
     def jacobian_reg_config(self) -> JacobianRegConfig:
