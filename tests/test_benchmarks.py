@@ -84,6 +84,12 @@ def test_quick_run_measures_the_diagnostics_and_the_reference(quick_run):
     assert len(ref) == 3 and "GMRES" in ref[-1]["case"]
     assert float(ref[-1]["cos_F_vs_gmres"]) == pytest.approx(1.0, abs=1e-9)  # itself
     assert float(ref[-1]["rel_residual"]) <= 1e-8  # the reference met its tolerance
+    for r in ref[:-1]:  # the float32 Broyden solves, against it
+        cos, residual = float(r["cos_F_vs_gmres"]), float(r["rel_residual"])
+        assert -1 - 1e-9 <= cos <= 1 + 1e-9, r
+        assert residual > float(ref[-1]["rel_residual"]), r  # GMRES is the tightest
+        if residual < 1e-4:  # a solved system gives the reference's direction
+            assert cos > 0.999, r
     assert "wrote" in stdout and "diagnostics.csv" in stdout
 
 
