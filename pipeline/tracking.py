@@ -47,6 +47,8 @@ SOLVER_STOP_RESIDUAL = "solver/stop_residual"  # forward residual in the solver'
                                                # (rel, abs or inf: IGNN's max |change|)
 SOLVER_NSTEPS_LAYER = "solver/nsteps_layer{layer}"  # a stack of implicit layers: each one's
 SOLVER_STOP_RESIDUAL_LAYER = "solver/stop_residual_layer{layer}"  # steps and residual (1-based)
+SOLVER_BACKWARD_REL_RESIDUAL = "solver/backward_rel_residual"  # implicit: the training
+SOLVER_BACKWARD_NSTEPS = "solver/backward_nsteps"                # backward solve (worst layer)
 TIME_FORWARD = "time/forward_s"            # training step: forward, loss included
 TIME_BACKWARD = "time/backward_s"          # training step: loss.backward()
 TIME_STEP = "time/step_s"                  # training step: forward + backward + optimizer

@@ -300,6 +300,35 @@ def test_forward_residual_divergence_is_recorded_as_failed(digits, tmp_path):
     assert "forward residual" in m["reason"] and "> 1e-12" in m["reason"]
 
 
+def test_a_diverged_backward_solve_is_a_failed_run_and_each_solve_is_logged(digits, tmp_path,
+                                                                            monkeypatch):
+    """Implicit training logs its backward solve's residual every step; a backward solve
+    that meets a non-finite residual (injected at the third) fails the run, naming it."""
+    from pipeline.deq import grad
+    real, calls = grad.implicit_backward, []
+
+    def injected(backward_solver, stats_out=None):
+        inner = real(backward_solver, stats_out)
+
+        def backward(y, h, g):
+            out = inner(y, h, g)
+            calls.append(1)
+            if len(calls) == 3 and stats_out:
+                stats_out[-1].diverged, stats_out[-1].reason = True, "injected at step 5"
+            return out
+        return backward
+
+    monkeypatch.setattr(grad, "implicit_backward", injected)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    params = {**TINY, "estimator": "implicit", "pretrain_steps": 0}
+    m = _failed_run(tmp_path, "backward", params, digits, uri)
+    assert m["reason"] == "backward solver: injected at step 5 (training step 2)"
+    assert m["steps"] == 2
+    curves = pd.read_csv(tmp_path / "backward" / "curves.csv")
+    assert curves[M.SOLVER_BACKWARD_NSTEPS].between(1, TINY["b_max_iter"]).all()
+    assert (curves[M.SOLVER_BACKWARD_REL_RESIDUAL] > 0).all() and len(curves) == 2
+
+
 class _BrokenImage(task_registry.ImageTask):
     """The image task with a fault injected at step 2: a NaN loss, or an F that overflows."""
 
@@ -337,6 +366,8 @@ def test_nan_loss_and_solver_divergence_are_recorded_as_failed(digits, tmp_path,
         _BrokenImage.fault = fault
         uri = f"sqlite:///{tmp_path}/mlflow.db"
         params = {**TINY, "task": "broken_image", "pretrain_steps": 0}
+        if fault == "nan_grad":  # UPG: implicit's backward solve would stop it first
+            params["estimator"] = "upg"
         m = _failed_run(tmp_path, fault, params, digits, uri)
         assert fragment in m["reason"], m["reason"]
         assert m["steps"] == 2 and len(pd.read_csv(tmp_path / fault / "curves.csv")) == 2

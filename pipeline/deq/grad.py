@@ -215,11 +215,13 @@ def unroll(func: Func, h0: Tensor, steps: int, lam=1.0) -> Tensor:
 @dataclass
 class LayerRecord:
     """One implicit layer of a forward: F (a closure over its input and parameters), the
-    no-grad solution h*, and the forward solver's stats."""
+    no-grad solution h*, the forward solver's stats, and (filled by ``backward()``) the
+    implicit backward solve's stats."""
 
     func: Func
     h_star: Tensor
     stats: SolverStats
+    backward_stats: list = field(default_factory=list)
 
 
 @dataclass
@@ -315,11 +317,13 @@ def implicit_layer(func: Func, h0: Tensor, solver: SolverConfig, estimator: Esti
 
     with torch.no_grad():
         h_star, stats = solve(func, h0, solver)
+    record = LayerRecord(func, h_star, stats)
     for layers in _RECORDING:
-        layers.append(LayerRecord(func, h_star, stats))
+        layers.append(record)
     if not (training and torch.is_grad_enabled()):
         return h_star, stats
-    return attach_estimator(func, h_star, est, backward_stats), stats
+    return attach_estimator(func, h_star, est, record.backward_stats
+                            if backward_stats is None else backward_stats), stats
 
 
 def attach_estimator(func: Func, h_star: Tensor, estimator: EstimatorConfig,

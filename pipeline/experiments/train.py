@@ -239,6 +239,21 @@ def _layer_stats(layers) -> tuple[float, float, bool, str]:
             bool(diverged), diverged[0].reason if diverged else "")
 
 
+def _backward_row(layers, step: int, d: distributed.Dist) -> dict[str, float]:
+    """The implicit backward solve of this step (worst layer, worst rank): its relative
+    residual and steps; a non-finite residual on any rank is a divergence."""
+    solves = [s for r in layers for s in r.backward_stats]
+    diverged = [s.reason for s in solves if s.diverged]
+    values = {"diverged": float(bool(diverged)), "solved": float(bool(solves)),
+              M.SOLVER_BACKWARD_REL_RESIDUAL: max((s.rel_residual for s in solves), default=0.0),
+              M.SOLVER_BACKWARD_NSTEPS: float(max((s.nstep for s in solves), default=0))}
+    values = distributed.reduce_values(values, {}, d, default=distributed.MAX)
+    if values.pop("diverged"):
+        why = diverged[0] if diverged else "diverged on another rank"
+        raise Divergence(f"backward solver: {why} (training step {step})")
+    return values if values.pop("solved") else {}
+
+
 def stop_residual(stats, stop_mode: str) -> float:
     """A solve's residual in its own stop norm (rel, abs or inf)."""
     return {"rel": stats.rel_residual, "abs": stats.abs_residual,
@@ -575,7 +590,8 @@ def _step(cfg: TrainConfig, task, model, opt, sched, batch, state: dict,
         if cfg.grad_clip and not sync_later:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         t2 = clock(cfg.device)
-    row = {**forward, M.PRETRAINING: float(pretraining), **jr_row}
+    row = {**forward, M.PRETRAINING: float(pretraining), **jr_row,
+           **_backward_row(layers, step, d)}
     if not pretraining:
         row[M.TRAIN_LAM] = est.lam
     lam_s = 0.0
