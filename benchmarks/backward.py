@@ -74,11 +74,8 @@ while UPG's grows; our step no slower than TorchDEQ's (ratio <= 1).
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as _dt
 import math
-import os
-import platform
 import statistics
 import sys
 import time
@@ -89,10 +86,10 @@ from typing import Callable, Optional
 import torch
 
 from pipeline.deq import EstimatorConfig, SolverConfig, attach_estimator, solve
-from pipeline.io import atomic_path
 from pipeline.memory import TensorMemory
 
 from benchmarks import ddp, diagnostics
+from benchmarks.common import device_text, load_average, machine, save_figure, write_csv
 
 Tensor = torch.Tensor
 
@@ -368,41 +365,6 @@ class _null:
 # --------------------------------------------------------------------------- run
 
 
-def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    try:
-        import torchdeq
-        tdeq = getattr(torchdeq, "__version__", "") or _dist_version("torchdeq")
-    except ImportError:
-        tdeq = ""
-    gpu = torch.cuda.get_device_name(DEVICE) if DEVICE.startswith("cuda") else "none"
-    return dict(cpu=cpu, cores=os.cpu_count(), threads=torch.get_num_threads(),
-                torch=torch.__version__, torchdeq=tdeq, device=DEVICE, gpu=gpu)
-
-
-def _dist_version(name: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return ""
-
-
-def _load() -> float:
-    try:
-        return os.getloadavg()[0]
-    except OSError:
-        return math.nan
-
-
 def run(args) -> list[dict]:
     global DEVICE
     DEVICE = args.device
@@ -411,7 +373,7 @@ def run(args) -> list[dict]:
     bench = Bench(args)
     groups = make_cases(args.ks, args.lam)
     cases = [c for g in groups for c in g]
-    info = machine()
+    info = machine(DEVICE)
     log = print if not args.silent else (lambda *a, **k: None)
     log(f"model {bench.model_name}, batch {args.batch}, n = {bench.state_size}, "
         f"{info['cpu']} ({info['cores']} cores, {info['threads']} threads), torch {info['torch']}")
@@ -420,7 +382,7 @@ def run(args) -> list[dict]:
     times: dict[tuple, list[dict]] = {c.key: [] for c in cases}
     solve_t: dict[str, list[tuple[float, float]]] = {"ours": [], "torchdeq": []}
     fwd_stats = {}
-    loads = [_load()]
+    loads = [load_average()]
     for r in range(args.repeats):
         if r % 2:  # alternate which solver goes first
             _, tinfo, t_theirs = bench.solve_torchdeq()
@@ -439,7 +401,7 @@ def run(args) -> list[dict]:
             log(f"  {case.impl:8s} {case.estimator:8s} k={case.k} lam={case.lam}: "
                 f"est fwd {res['est_forward_s']:.3f}s bwd {res['backward_s']:.3f}s "
                 f"(cpu {res['est_forward_cpu_s']:.3f}s + {res['backward_cpu_s']:.3f}s)")
-        loads.append(_load())
+        loads.append(load_average())
 
     # Memory: a separate pass, one step per case.
     z_star, _, _ = bench.solve_ours()
@@ -454,7 +416,7 @@ def run(args) -> list[dict]:
         bench.grad_step(case, z_star, mem)
         peak[case.key] = mem.peak_since_mark / 2 ** 20
         log(f"  memory {case.impl:8s} {case.estimator:8s} k={case.k}: {peak[case.key]:.1f} MiB")
-    loads.append(_load())
+    loads.append(load_average())
 
     med = statistics.median
     load = med([v for v in loads if not math.isnan(v)] or [math.nan])
@@ -492,17 +454,6 @@ def run(args) -> list[dict]:
                 r["grad_ratio_ours_over_torchdeq" + out] = ""
                 r["step_ratio_ours_over_torchdeq" + out] = ""
     return rows
-
-
-def write_csv(rows: list[dict], path: Path, columns: list[str] = COLUMNS) -> None:
-    """Every benchmark's CSV, atomically: floats with 6 significant digits; a column a row
-    lacks is left empty, a key not in ``columns`` is dropped."""
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=columns)
-        w.writeheader()
-        for r in rows:
-            w.writerow({c: (f"{r[c]:.6g}" if isinstance(r.get(c), float) else r.get(c, ""))
-                        for c in columns})
 
 
 def plot(rows: list[dict], stem: Path) -> list[Path]:
@@ -547,32 +498,13 @@ def plot(rows: list[dict], stem: Path) -> list[Path]:
     fig.suptitle(f"Gradient of a {r0['model']} DEQ (n = {r0['state_size']} per sample), batch "
                  f"{r0['batch']}, float32; forward Broyden f_thres {r0['f_thres']} "
                  f"(ours {r0['forward_s']:.1f} s wall)")
-    fig.text(0.5, 0.01, f"device {_device_text(r0)}; "
+    fig.text(0.5, 0.01, f"device {device_text(r0)}; "
              f"{r0['cpu']}, {r0['cores']} cores ({r0['threads']} torch threads), "
              f"torch {r0['torch']}, torchdeq {r0['torchdeq']}; median of {r0['repeats']} "
              f"repeats; load average {r0['load_avg']:.1f} during the run; "
              f"{_dt.date.today().isoformat()}", ha="center", fontsize=7)
     fig.tight_layout(rect=(0, 0.04, 1, 0.95))
     return save_figure(fig, stem)
-
-
-def _device_text(row: dict) -> str:
-    """Where the row was measured: the GPU's name, or the CPU with no GPU used."""
-    if str(row.get("device", "cpu")).startswith("cuda"):
-        return f"{row['device']} ({row['gpu']})"
-    return "cpu (no GPU used)"
-
-
-def save_figure(fig, stem: Path) -> list[Path]:
-    """``stem``.png and ``stem``.pdf (150 dpi), atomically, then close the figure: every
-    benchmark's."""
-    import matplotlib.pyplot as plt
-    paths = [stem.with_suffix(".png"), stem.with_suffix(".pdf")]
-    for p in paths:
-        with atomic_path(p) as tmp:  # tmp keeps the suffix: the format
-            fig.savefig(tmp, dpi=150)
-    plt.close(fig)
-    return paths
 
 
 def _best_step(r: dict) -> float:
@@ -629,7 +561,7 @@ def summary(rows: list[dict]) -> str:
                      f"{o['forward_cpu_s'] / t['forward_cpu_s']:.2f} median CPU; solve memory "
                      f"{o['solve_mem_mb']:.0f} vs {t['solve_mem_mb']:.0f} MiB")
     lines.append(f"load average during the run: {rows[0]['load_avg']:.1f} "
-                 f"on {rows[0]['cores']} cores; device {_device_text(rows[0])}")
+                 f"on {rows[0]['cores']} cores; device {device_text(rows[0])}")
     return "\n".join(lines)
 
 
@@ -695,7 +627,7 @@ def main(argv=None) -> list[dict]:
         return _ignn(argv)
     args = parse_args(argv)
     rows = run(args)
-    write_csv(rows, args.out_csv)
+    write_csv(rows, args.out_csv, COLUMNS)
     if not args.no_figure:
         for path in plot(rows, args.out_fig):
             print(f"wrote {path}")

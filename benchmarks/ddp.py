@@ -6,7 +6,7 @@ Run from the repository root (``benchmarks/backward.py`` runs it too, unless ``-
     .venv/bin/python -m benchmarks.ddp --quick
 
 Each process trains ``--steps`` steps (after ``--warmup`` untimed ones) of the shared loop's
-own ``_step`` (``pipeline.experiments.train``) on random tensors of the configuration's
+own ``train_step`` (``pipeline.experiments.step``) on random tensors of the configuration's
 shape, UPG A_{5,lam}: with one process the model is the plain module, with 2 ranks it is
 wrapped in DistributedDataParallel (``pipeline.experiments.distributed.wrap``; gloo,
 ``find_unused_parameters``). Every rank has one torch thread and its own batch of
@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.common import load_average, machine, write_csv
+
 COLUMNS = ["config", "batch_per_rank", "image_size", "steps", "params", "step_1rank_s",
            "step_2ranks_s", "ratio_2ranks_over_1", "cpu", "cores", "torch", "load_avg"]
 # (preset, image size, classes, batch per rank as the official runs, forward / backward
@@ -38,7 +40,7 @@ CONFIGS = {
 
 
 class RandomImages:
-    """A task on random tensors of the real shape: the loop's ``_step`` needs only
+    """A task on random tensors of the real shape: the loop's ``train_step`` needs only
     ``loss`` and ``pretrain_estimator``."""
 
     def __init__(self, model_config):
@@ -56,7 +58,9 @@ class RandomImages:
 
 def _steps(rank: int, world: int, folder: str, args) -> None:
     from pipeline.experiments import distributed
-    from pipeline.experiments.train import TrainConfig, _step, make_optimizer, make_scheduler
+    from pipeline.experiments.optim import make_optimizer, make_scheduler
+    from pipeline.experiments.step import train_step
+    from pipeline.experiments.train_config import TrainConfig
     from pipeline.models.mdeq import MDEQ, MDEQConfig
 
     torch.set_num_threads(1)
@@ -86,7 +90,7 @@ def _steps(rank: int, world: int, folder: str, args) -> None:
                  torch.randint(0, classes, (args.batch,), generator=gen))
         distributed.barrier(d)
         t0 = time.perf_counter()
-        _step(cfg, task, model, opt, sched, batch, state, cfg.diagnostics_config, net, d)
+        train_step(cfg, task, model, opt, sched, batch, state, cfg.diagnostics_config, net, d)
         distributed.barrier(d)
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
@@ -100,16 +104,15 @@ def _steps(rank: int, world: int, folder: str, args) -> None:
 
 def run(args, log=print) -> dict:
     import torch.multiprocessing as mp
-    from benchmarks.backward import machine, _load
     preset, size, _, batch, *_ = CONFIGS[args.config]
     args.batch = args.batch or batch
-    loads = [_load()]
+    loads = [load_average()]
     with tempfile.TemporaryDirectory() as folder:
         _steps(0, 1, folder, args)
         one, params = Path(folder, "world1.txt").read_text().split()
         mp.spawn(_steps, args=(2, folder, args), nprocs=2, join=True)
         two, _ = Path(folder, "world2.txt").read_text().split()
-    loads.append(_load())
+    loads.append(load_average())
     info = machine()
     row = {"config": args.config, "batch_per_rank": args.batch,
            "image_size": args.image_size or size, "steps": args.steps, "params": int(params),
@@ -145,7 +148,6 @@ def main(argv=None) -> int:
     row = run(argparse.Namespace(config=args.config, steps=args.ddp_steps,
                                  warmup=args.ddp_warmup, batch=args.ddp_batch,
                                  image_size=args.image_size))
-    from benchmarks.backward import write_csv
     write_csv([row], args.ddp_csv, COLUMNS)
     print(f"wrote {args.ddp_csv}")
     return 0

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.common import write_csv
 from pipeline.deq import EstimatorConfig, SolverConfig, jacobian_penalty, record_layers
 from pipeline.memory import peak_memory
 from pipeline.models.deq_transformer import DEQTransformer, DEQTransformerConfig
@@ -173,7 +174,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args) -> list[dict]:
-    from benchmarks.backward import write_csv
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.repeats is None:

@@ -32,12 +32,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.common import machine, write_csv
 from pipeline import tracking as M
 from pipeline.data.digits import export_digits
 from pipeline.data.layout import write_dataset
 from pipeline.deq import SolverConfig, solve
+from pipeline.experiments.checkpoint import load_checkpoint
 from pipeline.experiments.tasks import get_task
-from pipeline.experiments.train import TrainConfig, load_checkpoint, train
+from pipeline.experiments.train import train
+from pipeline.experiments.train_config import TrainConfig
 from pipeline.models.mdeq import unpack
 from pipeline.tracking import NullRun
 
@@ -158,7 +161,6 @@ def reference_rows(root: Path, batch: int, train_steps: int, log) -> list[dict]:
 def run(args, log=print) -> list[dict]:
     if args.threads:
         torch.set_num_threads(args.threads)
-    from benchmarks.backward import machine
     info = machine()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -195,7 +197,6 @@ def main(argv=None) -> list[dict]:
     known, _ = p.parse_known_args(argv)
     add_arguments(p, known.quick)
     args = from_backward_args(p.parse_args(argv))
-    from benchmarks.backward import write_csv
     rows = run(args)
     write_csv(rows, args.csv, COLUMNS)
     print(f"wrote {args.csv}")

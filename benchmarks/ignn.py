@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.common import write_csv
 from pipeline.deq import EstimatorConfig, SolverConfig
 from pipeline.experiments.graph_tasks import normalized_edges, perron_frobenius
 from pipeline.memory import peak_memory
@@ -220,7 +221,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args) -> list[dict]:
-    from benchmarks.backward import write_csv
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.repeats is None:

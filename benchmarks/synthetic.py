@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.backward import _load, machine, save_figure, write_csv
+from benchmarks.common import load_average, machine, save_figure, write_csv
 from pipeline.deq import PHANTOMS
 from pipeline.experiments import synthetic as S
 
@@ -98,12 +98,12 @@ def run(args) -> list[dict]:
                               **({"ks": tuple(args.ks)} if args.ks else {}),
                               **({"lams": tuple(args.lams)} if args.lams else {}))
     log = (lambda *a: None) if args.silent else print
-    info = machine()
+    info = machine(cfg.device)
     W = S.weight(cfg)
     u, y = S.make_pairs(cfg, 0, cfg.pairs)
     u_rows, y_rows = u.reshape(-1, cfg.dim), y.reshape(-1, cfg.dim)
     h_star, _, _ = S._forward(cfg, W, u_rows)
-    loads = [_load()]
+    loads = [load_average()]
     layout = {b: dataclasses.replace(cfg, batch_lams=b) for b in (True, False)}
     for batch in (True, False):  # warm-up
         time_grid(cfg, W, u_rows, y_rows, h_star, batch)
@@ -116,7 +116,7 @@ def run(args) -> list[dict]:
             grid_t[batch].append(time_grid(cfg, W, u_rows, y_rows, h_star, batch))
         for batch in order:
             chunk_t[batch].append(S.grid_chunk(layout[batch], W, 0, cfg.pairs)["seconds"])
-        loads.append(_load())
+        loads.append(load_average())
         log(f"repeat {r + 1}/{args.repeats}: grid batched {grid_t[True][-1]:.3f}s, unbatched "
             f"{grid_t[False][-1]:.3f}s; chunk batched {chunk_t[True][-1]:.3f}s, unbatched "
             f"{chunk_t[False][-1]:.3f}s")

@@ -21,7 +21,7 @@ COMMANDS = {
     "synthetic": ("pipeline.experiments.synthetic", "synthetic study for one L_h (appendix §4.1, §4.4)"),
     "plot-synthetic": ("pipeline.figures.synthetic", "synthetic figures from results/synthetic"),
     "data": ("pipeline.data.cli", "download, verify and export a dataset"),
-    "train": ("pipeline.experiments.train", "train one run of a training study (torchrun: DDP)"),
+    "train": ("pipeline.experiments.train_job", "train one run of a training study (torchrun: DDP)"),
     "report-ablations": ("pipeline.figures.ablations", "ablation table and figures"),
     "report": ("pipeline.figures.report", "paper vs ours, deviations, run time per study"),
     "train-repeats": ("pipeline.experiments.repeats",

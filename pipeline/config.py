@@ -13,13 +13,11 @@ dotted keys to the values that change at that scale. ``scale: paper`` (or
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import re
 from decimal import Decimal
 from importlib import resources
 from pathlib import Path
-from typing import Any
 
 import jsonschema
 import yaml
@@ -156,7 +154,7 @@ def _check_semantics(params: dict) -> None:
     """Checks a JSON schema cannot express: names that must exist in the package registries."""
     from pipeline.deq import ESTIMATORS, LINEAR_SOLVERS, SOLVERS
     from pipeline.experiments.tasks import TASKS
-    from pipeline.experiments.train import TrainConfig
+    from pipeline.experiments.train_config import TrainConfig
 
     def check(key: str, value: str, valid) -> None:
         if value not in valid:
@@ -252,12 +250,6 @@ def load(source: str | Path | dict, scale: str | None = None) -> dict:
     if not isinstance(source, dict):
         source = read_params(source)
     return resolve(source, scale)
-
-
-def params_hash(slice_: Any) -> str:
-    """Short stable hash of a params slice (tags every MLflow run)."""
-    blob = json.dumps(slice_, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:12]
 
 
 def add_arguments(parser) -> None:

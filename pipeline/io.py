@@ -1,9 +1,11 @@
-"""Atomic file output: write to a temporary sibling, then rename.
+"""Atomic file output (write to a temporary sibling, then rename), JSON and CSV helpers,
+and the stable hash of a params slice.
 
 A job killed mid-write leaves no half-written result behind.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -57,6 +59,13 @@ def prune_empty_dirs(folder: str | Path, levels: int = 1) -> None:
         if not path.is_dir() or any(path.iterdir()) or path.resolve() == Path.cwd():
             return
         path.rmdir()
+
+
+def params_hash(slice_) -> str:
+    """Short stable hash of a params slice: it tags every MLflow run and names the
+    checkpoint folders of a run's settings."""
+    blob = json.dumps(slice_, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
 
 
 def read_json(path: str | Path):

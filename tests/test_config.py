@@ -181,7 +181,7 @@ def test_train_config_defaults_are_the_params_yaml_defaults(raw):
     """Dataclass defaults must not contradict params.yaml, the one source of truth."""
     import dataclasses
 
-    from pipeline.experiments.train import TrainConfig
+    from pipeline.experiments.train_config import TrainConfig
     defaults = raw["ablations"]["defaults"]
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     assert set(defaults) == set(fields), set(defaults) ^ set(fields)

@@ -23,8 +23,11 @@ from pipeline import tracking as M
 from pipeline.data.digits import export_digits
 from pipeline.experiments import distributed
 from pipeline.experiments.tasks import get_task
-from pipeline.experiments.train import TrainConfig, _step, load_checkpoint, make_optimizer, \
-    make_scheduler, train
+from pipeline.experiments.checkpoint import load_checkpoint
+from pipeline.experiments.optim import make_optimizer, make_scheduler
+from pipeline.experiments.step import train_step
+from pipeline.experiments.train import train
+from pipeline.experiments.train_config import TrainConfig
 from pipeline.tracking import NullRun
 
 B = 8  # samples per rank
@@ -64,7 +67,7 @@ def _freeze_batchnorm(model: nn.Module) -> None:
 
 
 def two_steps(cfg: TrainConfig, data: Path, batch_size: int, d: distributed.Dist) -> dict:
-    """Two steps of the loop's own ``_step`` (the second with diagnostics, the no_sync
+    """Two steps of the loop's own ``train_step`` (the second with diagnostics, the no_sync
     path): each step's row, the gradient it applied, and the parameters after both."""
     torch.manual_seed(cfg.seed)
     task = _task(cfg, data, batch_size)
@@ -77,7 +80,7 @@ def two_steps(cfg: TrainConfig, data: Path, batch_size: int, d: distributed.Dist
     state = {"epoch": 0, "step": 0, "memory_epoch": -1, "curves": []}
     out = {"rows": [], "grads": []}
     for batch in list(task.batches("train", 0, d.rank, d.world_size))[:2]:
-        row = _step(cfg, task, model, opt, sched, batch, state, cfg.diagnostics_config, net, d)
+        row = train_step(cfg, task, model, opt, sched, batch, state, cfg.diagnostics_config, net, d)
         out["rows"].append(row)
         out["grads"].append({n: p.grad.clone() for n, p in model.named_parameters()})
         state["step"] += 1

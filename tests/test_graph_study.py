@@ -15,7 +15,8 @@ from pipeline.config import ParamsError, resolve, study_run
 from pipeline.data.graphs import export_chains, export_mutag
 from pipeline.experiments import repeats
 from pipeline.experiments.tasks import get_task
-from pipeline.experiments.train import Divergence, TrainConfig, _check_capped
+from pipeline.experiments.step import Divergence, check_capped
+from pipeline.experiments.train_config import TrainConfig
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +137,7 @@ def test_capped_forward_with_a_growing_residual_for_E_epochs_is_a_divergence():
         state["curves"] += [{"step": 2 * e + i, M.PRETRAINING: 0.0, M.FORWARD_CONVERGED: converged,
                              M.SOLVER_STOP_RESIDUAL: residual} for i in range(2)]
         state["epoch"] = e + 1
-        _check_capped(cfg, state, steps_per_epoch=2)
+        check_capped(cfg, state, steps_per_epoch=2)
 
     state = {"curves": []}
     for e, residual in enumerate([1e-5, 2e-5, 0.9e-5, 1.1e-5, 1e-5, 1.2e-5]):

@@ -13,7 +13,9 @@ from pipeline import tracking as M
 from pipeline.data.wikitext import write_corpus
 from pipeline.experiments import train as train_module
 from pipeline.experiments.tasks import get_task
-from pipeline.experiments.train import TrainConfig, load_checkpoint, train
+from pipeline.experiments.checkpoint import load_checkpoint
+from pipeline.experiments.train import train
+from pipeline.experiments.train_config import TrainConfig
 from pipeline.tracking import NullRun
 
 MODEL = {"preset": "default", "d_model": 16, "n_head": 2, "d_head": 8, "d_inner": 32,
@@ -82,17 +84,17 @@ def test_ordered_batches_are_contiguous_segments_per_row(corpus):
 def test_resume_with_segment_memory_equals_an_uninterrupted_run(corpus, tmp_path, monkeypatch):
     straight, _ = run(corpus, checkpoint_every=3)
     ck = tmp_path / "last.pt"
-    real_step = train_module._step
+    real_step = train_module.train_step
 
     def killed_at_5(cfg, task, model, opt, sched, batch, state, diag_cfg, *args, **kwargs):
         if state["step"] == 5:
             raise KeyboardInterrupt("killed")
         return real_step(cfg, task, model, opt, sched, batch, state, diag_cfg, *args, **kwargs)
 
-    monkeypatch.setattr(train_module, "_step", killed_at_5)
+    monkeypatch.setattr(train_module, "train_step", killed_at_5)
     with pytest.raises(KeyboardInterrupt):
         run(corpus, checkpoint=ck, checkpoint_every=3)
-    monkeypatch.setattr(train_module, "_step", real_step)
+    monkeypatch.setattr(train_module, "train_step", real_step)
     saved = load_checkpoint(ck)
     assert saved["state"]["step"] == 3
     memory = saved["state"]["task"]["memory"]

@@ -555,7 +555,7 @@ def test_cli_logs_one_run_with_curves(cli_results, tiny):
     from mlflow.tracking import MlflowClient
 
     from pipeline import tracking as M
-    from pipeline.config import params_hash
+    from pipeline.io import params_hash
     root, uri = cli_results
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name("synthetic")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import params_hash
+from pipeline.io import params_hash
 from pipeline.tracking import NullRun, Run, init_store, start_run
 
 N_JOBS = 8

@@ -23,7 +23,9 @@ from pipeline.cli import main as cli_main
 from pipeline.tracking import job_runs
 from pipeline.data.digits import export_digits
 from pipeline.experiments import tasks as task_registry
-from pipeline.experiments.train import TrainConfig, load_checkpoint
+from pipeline.experiments.vision_tasks import ImageTask
+from pipeline.experiments.checkpoint import load_checkpoint
+from pipeline.experiments.train_config import TrainConfig
 
 TINY = {"epochs": 2, "batch_size": 16, "max_steps_per_epoch": 3, "eval_batch_size": 400,
         "f_max_iter": 8, "b_max_iter": 8, "pretrain_steps": 1, "model": {"num_layers": 2},
@@ -149,17 +151,18 @@ def test_diagnostics_leave_training_unchanged(digits, tmp_path):
 def test_the_reported_gradient_is_the_applied_gradient(digits, tmp_path, monkeypatch):
     """What diagnostics read is what plain SGD (lr 1, no momentum) then subtracts from the
     parameters: the checkpoint after the step holds the initial parameters minus it."""
+    from pipeline.experiments import step as step_module
     from pipeline.experiments import train as train_module
     from pipeline.tracking import NullRun
     seen = {}
-    real = train_module.diagnose
+    real = step_module.diagnose
 
     def spy(model, *args, **kwargs):
         seen["grads"] = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
         seen["out"] = real(model, *args, **kwargs)
         return seen["out"]
 
-    monkeypatch.setattr(train_module, "diagnose", spy)
+    monkeypatch.setattr(step_module, "diagnose", spy)
     params = {**TINY, "epochs": 1, "max_steps_per_epoch": 1, "pretrain_steps": 0,
               "estimator": "npg", "optimizer": "sgd", "lr": 1.0, "momentum": 0.0,
               "weight_decay": 0.0, "schedule": "constant", "diagnostics_every": 1,
@@ -329,9 +332,10 @@ def test_a_diverged_backward_solve_is_a_failed_run_and_each_solve_is_logged(digi
     assert (curves[M.SOLVER_BACKWARD_REL_RESIDUAL] > 0).all() and len(curves) == 2
 
 
-class _BrokenImage(task_registry.ImageTask):
+class _BrokenImage(ImageTask):
     """The image task with a fault injected at step 2: a NaN loss, or an F that overflows."""
 
+    name = "broken_image"
     fault = "nan_loss"
 
     def __init__(self, *args, **kwargs):
@@ -360,31 +364,26 @@ class _BrokenImage(task_registry.ImageTask):
 @pytest.mark.parametrize("fault, fragment", [("nan_loss", "non-finite loss nan at step 2"),
                                              ("inf_state", "forward solver: non-finite residual"),
                                              ("nan_grad", "non-finite gradient norm nan at step 2")])
-def test_nan_loss_and_solver_divergence_are_recorded_as_failed(digits, tmp_path, fault, fragment):
-    task_registry.register_task("broken_image")(_BrokenImage)
-    try:
-        _BrokenImage.fault = fault
-        uri = f"sqlite:///{tmp_path}/mlflow.db"
-        params = {**TINY, "task": "broken_image", "pretrain_steps": 0}
-        if fault == "nan_grad":  # UPG: implicit's backward solve would stop it first
-            params["estimator"] = "upg"
-        m = _failed_run(tmp_path, fault, params, digits, uri)
-        assert fragment in m["reason"], m["reason"]
-        assert m["steps"] == 2 and len(pd.read_csv(tmp_path / fault / "curves.csv")) == 2
-    finally:
-        task_registry.TASKS.pop("broken_image")
+def test_nan_loss_and_solver_divergence_are_recorded_as_failed(digits, tmp_path, fault, fragment,
+                                                             monkeypatch):
+    monkeypatch.setitem(task_registry.TASKS, "broken_image", _BrokenImage)
+    monkeypatch.setattr(_BrokenImage, "fault", fault)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    params = {**TINY, "task": "broken_image", "pretrain_steps": 0}
+    if fault == "nan_grad":  # UPG: implicit's backward solve would stop it first
+        params["estimator"] = "upg"
+    m = _failed_run(tmp_path, fault, params, digits, uri)
+    assert fragment in m["reason"], m["reason"]
+    assert m["steps"] == 2 and len(pd.read_csv(tmp_path / fault / "curves.csv")) == 2
 
 
-def test_a_non_finite_evaluation_is_a_failed_run(digits, tmp_path):
-    task_registry.register_task("broken_image")(_BrokenImage)
-    try:
-        _BrokenImage.fault = "nan_eval"
-        uri = f"sqlite:///{tmp_path}/mlflow.db"
-        params = {**TINY, "task": "broken_image", "pretrain_steps": 0}
-        m = _failed_run(tmp_path, "nan_eval", params, digits, uri)
-        assert "non-finite evaluation" in m["reason"] and "nan at step 3" in m["reason"], m
-    finally:
-        task_registry.TASKS.pop("broken_image")
+def test_a_non_finite_evaluation_is_a_failed_run(digits, tmp_path, monkeypatch):
+    monkeypatch.setitem(task_registry.TASKS, "broken_image", _BrokenImage)
+    monkeypatch.setattr(_BrokenImage, "fault", "nan_eval")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    params = {**TINY, "task": "broken_image", "pretrain_steps": 0}
+    m = _failed_run(tmp_path, "nan_eval", params, digits, uri)
+    assert "non-finite evaluation" in m["reason"] and "nan at step 3" in m["reason"], m
 
 
 def test_an_exploding_loss_is_a_failed_run_not_a_finished_one(digits, tmp_path):

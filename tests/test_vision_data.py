@@ -15,7 +15,8 @@ import torch
 from pipeline.data.digits import export_digits, export_digits_imagefolder
 from pipeline.data.imagenet import validate_imagenet
 from pipeline.deq import EstimatorConfig, SolverConfig
-from pipeline.experiments.tasks import augment, get_task
+from pipeline.experiments.tasks import get_task
+from pipeline.experiments.vision_tasks import augment
 
 DATA = {"dataset": "digits_imagefolder", "crop": 32, "resize": 36, "area_min": 0.5,
         "flip": False}

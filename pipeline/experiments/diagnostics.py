@@ -25,6 +25,9 @@ is about to apply (``p.grad``, after clipping). What it measures:
 * **Spectral radii** rho(dF/dh) and rho(dF_lam/dh) at h* by the power method, with the
   iterations used and whether the estimate settled.
 
+After training, :func:`measure_spectral` measures the same spectral radii of the trained
+model on evaluation batches (``spectral_batches``).
+
 Nothing here changes training: the global RNG is forked and restored, BatchNorm
 buffers are restored, and ``p.grad`` is read, never written.
 
@@ -37,6 +40,7 @@ local gradient against rank 0's local reference.
 from __future__ import annotations
 
 import copy
+import itertools
 import statistics
 import time
 from dataclasses import dataclass
@@ -45,8 +49,8 @@ from typing import Any, Callable
 import torch
 
 from pipeline import tracking as M
-from pipeline.deq import (EstimatorConfig, LayerRecord, SolverConfig, replay_layers,
-                          spectral_radius)
+from pipeline.deq import (EstimatorConfig, LayerRecord, SolverConfig, record_layers,
+                          replay_layers, spectral_radius)
 
 Tensor = torch.Tensor
 
@@ -252,3 +256,33 @@ def _time_backwards(model, loss_fn, batch, layers, rng, cfg: DiagnosticsConfig) 
                                               default=float("nan")),
             M.GRAD_IMPLICIT_CONVERGED: float(bool(implicit_stats)
                                              and all(s.converged for s in implicit_stats))}
+
+
+def measure_spectral(task, model, cfg: DiagnosticsConfig, batches: int) -> dict:
+    """After training: rho(dF/dh) and rho(dF_lam/dh) at the h* of the trained model on the
+    first ``batches`` evaluation batches (eval mode), by the power method with
+    ``power_iters`` / ``power_tol``, lam = the run's ``lam`` (appendix §4.3: rho_lam stays
+    near 1 while rho often exceeds 1). Per sample, the worst layer; then the mean over
+    samples (``rho``, ``rho_lambda``), their largest values, and whether every estimate
+    settled (a complex leading pair never settles: then rho is only a rough value)."""
+    was_training = model.training
+    model.eval()
+    gen = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
+    rho, rho_lam, settled, samples = [], [], True, 0
+    for batch in itertools.islice(task.batches(task.eval_split, 0), batches):
+        with torch.no_grad(), record_layers() as layers:
+            task.loss(model, batch, cfg.forward_solver, cfg.estimator)
+        for lam, out in ((1.0, rho), (cfg.lam, rho_lam)):
+            ests = [spectral_radius(r.func, r.h_star, lam, cfg.power_iters, gen, cfg.power_tol)
+                    for r in layers]
+            out.append(torch.stack([e.rho for e in ests]).amax(dim=0))
+            settled = settled and all(e.settled for e in ests)
+        samples += len(rho[-1])
+        del layers
+    model.train(was_training)
+    rho_t, lam_t = torch.cat(rho), torch.cat(rho_lam)
+    return {"rho": rho_t.mean().item(), "rho_lambda": lam_t.mean().item(),
+            "rho_max": rho_t.max().item(), "rho_lambda_max": lam_t.max().item(),
+            "fraction_rho_above_1": (rho_t > 1).float().mean().item(),
+            "lam": cfg.lam, "batches": len(rho), "samples": samples,
+            "power_iters": cfg.power_iters, "settled": settled, "split": task.eval_split}

@@ -5,7 +5,7 @@
 ``python -m pipeline train`` reads torchrun's ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK``
 (:func:`from_env`); without them it is one process and nothing here does anything. With
 them, the process group uses gloo on the CPU and NCCL on CUDA, each rank takes its slice
-of the (seed, epoch) order (:func:`pipeline.experiments.tasks.rank_batches`), the model is
+of the (seed, epoch) order (:func:`pipeline.experiments.sampling.rank_batches`), the model is
 wrapped in DistributedDataParallel (:func:`wrap`), and every value the loop decides on
 (the loss, the solver's residual, a divergence) is all-reduced first, so every rank takes
 the same branch: a divergence stops them all at the same step, never one rank alone.

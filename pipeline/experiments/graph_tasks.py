@@ -42,7 +42,7 @@ import torch.nn.functional as Fn
 from torch import nn
 
 from pipeline.deq import EstimatorConfig, SolverConfig
-from pipeline.experiments.tasks import epoch_order, register_task
+from pipeline.experiments.sampling import epoch_order
 
 Tensor = torch.Tensor
 
@@ -203,10 +203,10 @@ def _check_keys(task: str, data: dict, valid: set) -> None:
         raise ValueError(f"unknown {task} data keys {unknown}; valid keys: {sorted(valid)}")
 
 
-@register_task("graph")
 class GraphTask(_IGNNTask):
     """Graph classification with IGNN (appendix §4.3; see the module docstring)."""
 
+    name = "graph"
     readout = "graph"
     higher_is_better = True
     DATA_KEYS = {"dataset", "protocol", "folds", "fold_seed", "val_fraction", "fold"}
@@ -301,10 +301,10 @@ def graph_folds(labels: np.ndarray, folds: int, fold: int, fold_seed: int, proto
     return out
 
 
-@register_task("node")
 class NodeTask(_IGNNTask):
     """Node classification with IGNN: PPI (multi-label) and chains (see the module docstring)."""
 
+    name = "node"
     readout = "node"
     higher_is_better = True
     primary_metric = "f1"

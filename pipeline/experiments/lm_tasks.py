@@ -34,7 +34,6 @@ import torch
 from torch import nn
 
 from pipeline.deq import EstimatorConfig, SolverConfig
-from pipeline.experiments.tasks import register_task
 
 Tensor = torch.Tensor
 
@@ -48,10 +47,10 @@ def ordered_rows(stream: Tensor, rows: int) -> Tensor:
     return stream[:n * rows].view(rows, n)
 
 
-@register_task("lm")
 class LMTask:
     """Language modelling with the DEQ-Transformer (see the module docstring)."""
 
+    name = "lm"
     primary_metric = "val_ppl"
     higher_is_better = False
     eval_split = "valid"

@@ -5,7 +5,7 @@
 
 The task's ``repeats(data, seed)`` lists the units, (label, data overrides, seed): the 10
 folds of ``graph``, the seeds of ``node``. Each unit is one :func:`.train.train` call with
-its own :class:`~.train.TrainConfig` (the run's, with the unit's data and seed) and its
+its own :class:`~.train_config.TrainConfig` (the run's, with the unit's data and seed) and its
 own MLflow run, a child of the job's parent run (found by study, scale and run name, or
 created: :func:`pipeline.tracking.job_parent_run`). Running them in one process saves the
 start-up of a job per fold (imports, MLflow), which would eat the default budget.
@@ -30,8 +30,10 @@ import math
 import shutil
 from pathlib import Path
 
-from pipeline.experiments.train import TrainConfig, load_checkpoint, train
+from pipeline.experiments.checkpoint import load_checkpoint
 from pipeline.experiments.tasks import get_task
+from pipeline.experiments.train import train
+from pipeline.experiments.train_config import TrainConfig
 
 
 def protocol_scores(history: list[dict], test_key: str, val_key: str) -> dict:
@@ -66,7 +68,7 @@ def run_units(cfg: TrainConfig, params: dict, *, study: str, name: str, data_dir
     """Train every unit of the run; return (the job's summary, each unit's results with
     its curves and history, the resume folder)."""
     from pipeline import tracking
-    from pipeline.config import params_hash
+    from pipeline.io import params_hash
 
     task_cls = get_task(cfg.task)
     units = task_cls.repeats(cfg.data, cfg.seed) if hasattr(task_cls, "repeats") \
@@ -171,14 +173,14 @@ def _summary(cfg: TrainConfig, results: list[dict], **info) -> dict:
 # --- CLI edge --------------------------------------------------------------------------------
 
 def add_arguments(parser) -> None:
-    from pipeline.experiments.train import add_arguments as train_arguments
+    from pipeline.experiments.train_job import add_arguments as train_arguments
     train_arguments(parser)
 
 
 def main(args) -> int:
     import pandas as pd
 
-    from pipeline.experiments.train import config_from_args
+    from pipeline.experiments.train_job import config_from_args
     from pipeline.io import prune_empty_dirs, write_csv, write_json
 
     params, cfg = config_from_args(args)

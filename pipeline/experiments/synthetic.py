@@ -562,14 +562,13 @@ def add_arguments(parser) -> None:
 def checkpoint_folder(root: str | Path, Lh: float, params: dict) -> Path:
     """``<root>/synthetic/Lh=<repr(L_h)>/<hash of L_h and the slice>``: a folder per job
     and params, whatever the rule's wildcard formatting."""
-    from pipeline.config import params_hash
+    from pipeline.io import params_hash
     return Path(root) / "synthetic" / f"Lh={Lh!r}" / params_hash({"Lh": Lh, "synthetic": params})
 
 
 def main(args) -> int:
     from pipeline import tracking
-    from pipeline.config import params_hash
-    from pipeline.io import read_json, write_csv, write_json
+    from pipeline.io import params_hash, read_json, write_csv, write_json
 
     if args.threads:
         torch.set_num_threads(args.threads)
