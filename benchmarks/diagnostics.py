@@ -64,11 +64,13 @@ def _data(root: Path, shape: str) -> Path:
     return out
 
 
-def cost_rows(root: Path, shape: str, batch: int, steps: int, every: int, log) -> dict:
+def cost_rows(root: Path, shape: str, batch: int, steps: int, every: int, log,
+              ref_max_iter: int = 1000) -> dict:
     data = _data(root, shape)
     params = {"data": {"dataset": data.name}, "epochs": 1, "max_steps": steps, "batch_size": batch,
               "estimator": "upg", "pretrain_steps": 0, "optimizer": "sgd", "lr": 0.1,
-              "weight_decay": 1e-4, "diagnostics_every": every, "eval_batch_size": 64}
+              "weight_decay": 1e-4, "diagnostics_every": every, "eval_batch_size": 64,
+              "reference_max_iter": ref_max_iter}
     cfg = TrainConfig.from_params(params)
     task = get_task("image")(cfg.model, cfg.data, data, "cpu", batch, 64, 0)
     res = train(cfg, task, NullRun(), None, log=lambda _: None)
@@ -165,9 +167,10 @@ def run(args, log=print) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        rows.append(cost_rows(root, "digits", args.batch, args.steps, args.every, log))
+        rows.append(cost_rows(root, "digits", args.batch, args.steps, args.every, log,
+                              args.ref_max_iter))
         rows.append(cost_rows(root, "cifar_shape", args.cifar_batch, args.cifar_steps,
-                              args.every, log))
+                              args.every, log, args.ref_max_iter))
         for steps in args.train_steps:
             rows += reference_rows(root, args.batch, steps, log)
     for r in rows:
@@ -177,8 +180,10 @@ def run(args, log=print) -> list[dict]:
 
 def add_arguments(p: argparse.ArgumentParser, quick: bool) -> None:
     full = dict(batch=32, steps=41, every=10, cifar_batch=8, cifar_steps=11,
-                train_steps=[20, 40, 60, 100])
-    small = dict(batch=8, steps=3, every=2, cifar_batch=2, cifar_steps=3, train_steps=[4])
+                train_steps=[20, 40, 60, 100], ref_max_iter=1000)
+    # --quick: a smoke run; the GMRES reference at the CIFAR shape stops at 100 steps
+    small = dict(batch=8, steps=3, every=2, cifar_batch=2, cifar_steps=3, train_steps=[4],
+                 ref_max_iter=100)
     for key, value in (small if quick else full).items():
         p.add_argument(f"--diag-{key.replace('_', '-')}", dest=f"diag_{key}", type=int,
                        default=value, nargs="+" if isinstance(value, list) else None)

@@ -1,11 +1,19 @@
-"""Shared fixtures: where the repository and its virtual environment live, and a loopback
-HTTP server for the download tests (``served``: a CIFAR-format archive; ``serve_folder``:
-any folder, as the graph datasets' tests use)."""
+"""Shared fixtures: where the repository and its virtual environment live, the end-to-end
+run of the DAG that several test files read (``workflow``), and a loopback HTTP server for
+the download tests (``served``: a CIFAR-format archive; ``serve_folder``: any folder, as
+the graph datasets' tests use).
+
+The suite runs on pytest-xdist's workers (``-n auto`` in pyproject.toml): each worker uses
+one torch thread (and its subprocesses one OpenMP / MKL thread); tests go to a worker file
+by file, and the files that read ``workflow`` together, after the DAG has run once for the
+whole session under a file lock.
+"""
 from __future__ import annotations
 
 import hashlib
 import http.server
 import io
+import os
 import pickle
 import shutil
 import subprocess
@@ -19,8 +27,50 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from filelock import FileLock
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one thread per worker: workers share the cores
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[_var] = "1"
+    import torch
+    torch.set_num_threads(1)
+
+
+# The test files that read the end-to-end run (the ``workflow`` fixture). Under xdist they
+# are one scope, on one worker, scheduled first: the DAG is the suite's longest chain.
+WORKFLOW_FILES = ("test_workflow_e2e.py", "test_report.py", "test_dvc.py", "test_mlflow_ui.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The tests of WORKFLOW_FILES first; a test elsewhere that reads ``workflow`` is refused,
+    since the scheduler would not keep it on the workflow's worker."""
+    stray = [item.nodeid for item in items if "workflow" in getattr(item, "fixturenames", ())
+             and item.path.name not in WORKFLOW_FILES]
+    if stray:
+        raise pytest.UsageError(f"{stray[0]} reads the `workflow` fixture: add its file to "
+                                "WORKFLOW_FILES in tests/conftest.py")
+    items.sort(key=lambda item: item.path.name not in WORKFLOW_FILES)  # stable
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """xdist's ``loadfile`` (a file's tests on one worker, so its module fixtures, such as a
+    benchmark run, are made once), with every file of WORKFLOW_FILES in one scope: no two
+    of them run Snakemake in the workflow's folder at once, and no worker waits on another's
+    DAG. (``--dist loadgroup`` would do it with markers, but pytest 9.2 ignores the node ids
+    xdist 3.8 rewrites for it.)"""
+    if config.getvalue("dist") != "load":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+    config.option.loadscopereorder = False  # collection order: the workflow's scope first
+
+    class FileScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return "workflow" if Path(path).name in WORKFLOW_FILES else path
+
+    return FileScheduling(config, log)
 
 
 @pytest.fixture(scope="session")
@@ -41,20 +91,47 @@ def snakemake(workdir: Path, venv_bin: Path, *args: str) -> subprocess.Completed
 
 
 @pytest.fixture(scope="session")
-def workflow(tmp_path_factory, repo_root: Path, venv_bin: Path) -> Path:
+def workflow(tmp_path_factory, repo_root: Path, venv_bin: Path, worker_id: str) -> Path:
     """A copy of the workflow after `snakemake --cores 2 figures --configfile tiny.yaml`
-    (tests/configs/tiny.yaml): the end-to-end run the e2e, report and MLflow UI tests
-    read. Its Snakemake output is in snakemake.out."""
-    work = tmp_path_factory.mktemp("workflow")
-    for name in ("Snakefile", "params.yaml"):
-        shutil.copy(repo_root / name, work / name)
-    for name in ("workflow", "profiles", "envs"):
-        shutil.copytree(repo_root / name, work / name)
-    shutil.copy(repo_root / "tests" / "configs" / "tiny.yaml", work / "tiny.yaml")
-    proc = snakemake(work, venv_bin, "figures", "--configfile", "tiny.yaml")
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
-    (work / "snakemake.out").write_text(proc.stdout + proc.stderr)
+    (tests/configs/tiny.yaml): the end-to-end run the e2e, report, DVC and MLflow UI tests
+    read. Its Snakemake output is in snakemake.out. It runs once per session: under xdist
+    the workers share the folder, and a file lock makes the first one build it."""
+    shared = tmp_path_factory.getbasetemp()
+    if worker_id != "master":
+        shared = shared.parent  # the session's folder, above each worker's own
+    work = shared / "workflow"
+    with FileLock(str(shared / "workflow.lock")):
+        if not (work / "snakemake.out").is_file():
+            shutil.rmtree(work, ignore_errors=True)  # what a failed attempt left
+            work.mkdir()
+            for name in ("Snakefile", "params.yaml"):
+                shutil.copy(repo_root / name, work / name)
+            for name in ("workflow", "profiles", "envs"):
+                shutil.copytree(repo_root / name, work / name)
+            shutil.copy(repo_root / "tests" / "configs" / "tiny.yaml", work / "tiny.yaml")
+            proc = snakemake(work, venv_bin, "figures", "--configfile", "tiny.yaml")
+            assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+            (work / "snakemake.out").write_text(proc.stdout + proc.stderr)
     return work
+
+
+@pytest.fixture(scope="session")
+def _store_template(tmp_path_factory) -> Path:
+    """An empty MLflow SQLite store with its schema made (the migrations take about a second
+    and a half), once per worker."""
+    from mlflow.tracking import MlflowClient
+    path = tmp_path_factory.mktemp("mlflow_template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def store_uri(tmp_path, _store_template) -> str:
+    """A fresh, empty MLflow store for one test (``sqlite:///<tmp_path>/mlflow.db``): a copy
+    of the worker's template, so the schema is not migrated again in every test."""
+    path = tmp_path / "mlflow.db"
+    shutil.copyfile(_store_template, path)
+    return f"sqlite:///{path}"
 
 
 # --- loopback downloads ----------------------------------------------------------------------

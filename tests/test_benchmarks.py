@@ -30,8 +30,8 @@ def quick_run(tmp_path_factory):
     cmd = [sys.executable, "-m", "benchmarks.backward", "--quick", "--silent",
            "--out-csv", str(out / "backward.csv"), "--out-fig", str(out / "fig" / "backward"),
            "--diag-csv", str(out / "diagnostics.csv"), "--ddp-csv", str(out / "ddp.csv")]
-    # a hang guard, not a speed target: the quick run takes 3-6 min on a 2-core CPU (its GMRES
-    # reference at the CIFAR shape runs to its 1000-step cap), more on a loaded one
+    # a hang guard, not a speed target: the quick run takes about 40 s on one core (its GMRES
+    # reference at the CIFAR shape runs to the quick run's 100-step cap), more on a loaded one
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(out / "backward.csv", newline="") as fh:

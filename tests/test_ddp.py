@@ -206,7 +206,8 @@ def _torchrun(venv_bin: Path, name: str, params: dict, data: Path, out: Path, ck
             "--threads", "2"]
 
 
-def test_torchrun_job_killed_and_rerun_resumes_the_same_mlflow_run(digits, tmp_path, venv_bin):
+def test_torchrun_job_killed_and_rerun_resumes_the_same_mlflow_run(digits, tmp_path, venv_bin,
+                                                                   store_uri):
     """`torchrun --nproc_per_node=2 -m pipeline train`: SIGKILL of the whole job after a
     mid-epoch checkpoint; the rerun resumes in rank 0's MLflow run and ends as a 2-rank run
     that was never stopped; one metrics.json, one MLflow run, no checkpoint left. Without
@@ -215,7 +216,7 @@ def test_torchrun_job_killed_and_rerun_resumes_the_same_mlflow_run(digits, tmp_p
 
     from pipeline.tracking import init_store, job_runs
     params = {**RUN, "max_steps_per_epoch": 6, "nproc_per_node": 2}
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = store_uri
     init_store(uri, str(tmp_path / "artifacts"), ["vision"])
     ckpt = tmp_path / "ck"
     cmd = _torchrun(venv_bin, "resume", params, digits, tmp_path / "out", ckpt, uri)

@@ -88,9 +88,10 @@ def test_folds_differ_and_a_unit_is_not_rerun_after_a_restart(raw, data, tmp_pat
     assert again[1]["best"] == -1.0 and again[0]["best"] == first[0]["best"]
 
 
-def test_mlflow_parent_with_one_child_per_unit_found_again_on_a_rerun(raw, data, tmp_path):
+def test_mlflow_parent_with_one_child_per_unit_found_again_on_a_rerun(raw, data, tmp_path,
+                                                                      store_uri):
     from mlflow.tracking import MlflowClient
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = store_uri
     M.init_store(uri, str(tmp_path / "artifacts"), ["node"])
     cfg, params = _tiny(raw, "node", "chains_upg", epochs=2, diagnostics_every=0)
     summary, results, folder = _run(cfg, params, data, tmp_path, "chains_upg", uri)
@@ -114,11 +115,11 @@ def test_mlflow_parent_with_one_child_per_unit_found_again_on_a_rerun(raw, data,
     assert sorted(again) == sorted(children) and set(again.values()).isdisjoint(children.values())
 
 
-def test_a_collapsed_unit_is_failed_with_its_reason_and_kept(raw, data, tmp_path):
+def test_a_collapsed_unit_is_failed_with_its_reason_and_kept(raw, data, tmp_path, store_uri):
     """Adam at lr 1000 on chains: the loss explodes past 20x its early value in one seed or
     both; a FAILED unit keeps its reason, in MLflow too, and stays in the summary."""
     from mlflow.tracking import MlflowClient
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = store_uri
     cfg, params = _tiny(raw, "node", "chains_implicit", epochs=8, lr=1000.0, grad_clip=None,
                         diagnostics_every=0)
     summary, results, _ = _run(cfg, params, data, tmp_path, "exploding", uri)
@@ -185,11 +186,12 @@ def test_graph_and_node_defaults_build_train_configs_at_every_scale(raw):
     assert paper["node"]["defaults"]["model"]["preset"] == "ppi"
 
 
-def test_a_job_whose_every_unit_failed_is_a_failed_parent_with_the_reasons(raw, data, tmp_path):
+def test_a_job_whose_every_unit_failed_is_a_failed_parent_with_the_reasons(raw, data, tmp_path,
+                                                                           store_uri):
     """Every seed stopped by the loss rule (factor 1e-6: any loss is 'past' it): the job's
     summary and its MLflow parent run are FAILED, with each unit's reason."""
     from mlflow.tracking import MlflowClient
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = store_uri
     M.init_store(uri, str(tmp_path / "artifacts"), ["node"])
     cfg, params = _tiny(raw, "node", "chains_upg", epochs=3, diverge_loss_factor=1e-6,
                         diagnostics_every=0)

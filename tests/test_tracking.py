@@ -263,12 +263,12 @@ def test_init_tracking_cli(store):
     assert "extra" in again and again["extra"] not in ids.values()
 
 
-def test_runs_sit_under_one_parent_per_study_and_scale(tmp_path):
+def test_runs_sit_under_one_parent_per_study_and_scale(tmp_path, store_uri):
     """init-tracking makes the parent of the current scale; a job after a scale switch
     finds-or-makes its own; a resumed run keeps its parent; experiments open in MLflow 3's
     model-training view."""
     from pipeline.tracking import PARENT_ROLE, job_runs
-    uri, artifacts = f"sqlite:///{tmp_path}/mlflow.db", str(tmp_path / "artifacts")
+    uri, artifacts = store_uri, str(tmp_path / "artifacts")
     exp_id = init_store(uri, artifacts, ["study"], scale="default")["study"]
     init_store(uri, artifacts, ["study"], scale="default")  # idempotent
     with start_run(uri, "study", "a", {"scale": "default"}, {}, artifacts) as a:
