@@ -103,6 +103,7 @@ COLUMNS = [
     "grad_ratio_ours_over_torchdeq", "grad_ratio_ours_over_torchdeq_cpu",
     "step_ratio_ours_over_torchdeq", "step_ratio_ours_over_torchdeq_cpu",
     "cpu", "cores", "threads", "torch", "torchdeq", "load_avg", "config", "device", "gpu",
+    "check_every", "graph",
 ]
 
 
@@ -257,7 +258,8 @@ class Bench:
         self.state_size = h0.shape[1]
         self.y = torch.randn(h0.shape, generator=torch.Generator().manual_seed(args.seed + 1)
                              ).to(args.device)
-        self.f_solver = SolverConfig("broyden", args.f_thres, args.f_tol, "rel")
+        self.f_solver = SolverConfig("broyden", args.f_thres, args.f_tol, "rel",
+                                     check_every=args.check_every, graph=args.graph)
         _register_given_solver()
 
     def problem(self):
@@ -336,7 +338,8 @@ class Bench:
         a = self.args
         if case.estimator == "implicit":
             return EstimatorConfig("implicit", b_solver="broyden", b_max_iter=a.b_thres,
-                                   b_tol=a.b_tol, b_stop_mode="rel")
+                                   b_tol=a.b_tol, b_stop_mode="rel",
+                                   b_check_every=a.check_every)
         if case.estimator == "jfb":
             return EstimatorConfig("jfb")
         return EstimatorConfig(case.estimator, k=case.k, lam=case.lam)
@@ -431,7 +434,9 @@ def run(args) -> list[dict]:
             repeats=args.repeats, peak_mem_mb=peak[case.key], solve_mem_mb=solve_mem[case.impl],
             fwd_nstep=fwd_stats[case.impl][0], fwd_rel_residual=fwd_stats[case.impl][1],
             bwd_nstep=ts[-1]["bwd_nstep"] if ts[-1]["bwd_nstep"] is not None else "",
-            load_avg=load, config=args.config, **info)
+            load_avg=load, config=args.config,
+            check_every=args.check_every if case.impl == "ours" else "",
+            graph=args.graph if case.impl == "ours" else "", **info)
         for i, clock in enumerate(("", "_cpu")):  # wall clock, then CPU time
             solves = [t[i] for t in solve_t[case.impl]]
             grads = [t[f"est_forward{clock}_s"] + t[f"backward{clock}_s"] for t in ts]
@@ -581,6 +586,11 @@ def parse_args(argv=None):
     p.add_argument("--f-tol", type=float, default=1e-9,
                    help="forward rel. tolerance; below float32's reach so f_thres steps run")
     p.add_argument("--b-tol", type=float, default=1e-9, help="backward rel. tolerance")
+    p.add_argument("--check-every", type=int, default=1,
+                   help="our solves read their residual on the host every N steps (1); 0: "
+                        "once, at the end (a fixed budget: pipeline/deq/solvers.py)")
+    p.add_argument("--graph", action="store_true",
+                   help="our forward solve replays F from a CUDA graph (on a GPU)")
     p.add_argument("--model", choices=["auto", "mdeq", "conv_cell"], default="auto",
                    help="pipeline.models.mdeq if importable (auto), or benchmarks/conv_cell.py")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")

@@ -69,6 +69,8 @@ class EstimatorConfig:
         b_tol: backward tolerance.
         b_stop_mode: ``rel``, ``abs`` or ``inf`` (max |g_new - g|, IGNN's backward stop).
         b_restart: Krylov subspace size of a ``gmres`` backward.
+        b_check_every: how often the backward solve tests its tolerance on the host
+            (:class:`~pipeline.deq.solvers.SolverConfig`'s ``check_every``; 0: a fixed budget).
     """
 
     name: str = "implicit"
@@ -79,6 +81,7 @@ class EstimatorConfig:
     b_tol: float = 1e-6
     b_stop_mode: str = "rel"
     b_restart: int = 200
+    b_check_every: int = 1
 
     def __post_init__(self) -> None:
         if self.name not in ESTIMATORS:
@@ -92,14 +95,14 @@ class EstimatorConfig:
     @property
     def backward_solver(self) -> SolverConfig:
         return SolverConfig(self.b_solver, self.b_max_iter, self.b_tol, self.b_stop_mode,
-                            restart=self.b_restart)
+                            restart=self.b_restart, check_every=self.b_check_every)
 
     @property
     def effective(self) -> "EstimatorConfig":
         """``jfb`` is ``upg`` with k = 1, lam = 1."""
         if self.name == "jfb":
             return EstimatorConfig("upg", 1, 1.0, self.b_solver, self.b_max_iter, self.b_tol,
-                                   self.b_stop_mode, self.b_restart)
+                                   self.b_stop_mode, self.b_restart, self.b_check_every)
         return self
 
 

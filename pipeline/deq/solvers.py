@@ -20,6 +20,12 @@ the L2 traces are kept beside it.
 A solve that meets NaN or Inf stops there, sets ``stats.diverged`` and returns
 the best finite iterate; a solve that runs out of iterations returns its best
 iterate (lowest residual, not the last) with ``stats.converged = False``.
+
+Host syncs: the residuals, the best iterate and the stop test stay on the solve's
+device; the host reads them to test convergence every ``check_every`` steps, and once at
+the end to fill :class:`SolverStats`. On a GPU each read waits for the queued work, so
+a solve checked every step makes one sync a step, and a fixed-budget solve
+(``check_every=0``: ``max_iter`` steps, then the best iterate) makes one in all.
 """
 from __future__ import annotations
 
@@ -29,6 +35,7 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
+from torch.nn.utils import parametrize
 
 Tensor = torch.Tensor
 StepCallback = Callable[[int, Tensor], None]
@@ -84,6 +91,13 @@ class SolverConfig:
             when rho(dF/dh) nears 1: on an untrained MDEQ-Tiny digits sample
             (rho ~ 1.7) GMRES(20) and GMRES(50) stall at residuals 0.48 and 0.31
             after 2,000 iterations, GMRES(200) converges in 187.
+        check_every: test the tolerance on the host every this many steps (1: every step,
+            the stop of the first step that meets it); 0: never, a fixed budget of
+            ``max_iter`` steps that returns the best iterate and says whether it met the
+            tolerance. Every host read is a GPU sync (module docstring); ``gmres``, a
+            float64 reference, ignores it.
+        graph: on a CUDA device, capture one call of F as a CUDA graph and replay it at
+            every step (:func:`cuda_graphed`); F eagerly on the CPU or where capture fails.
     """
 
     name: str = "broyden"
@@ -93,9 +107,13 @@ class SolverConfig:
     damping: float = 1.0
     memory: int = 5
     restart: int = 200
+    check_every: int = 1
+    graph: bool = False
 
     def __post_init__(self) -> None:
         get_solver(self.name)
+        if not isinstance(self.check_every, int) or self.check_every < 0:
+            raise ValueError(f"check_every={self.check_every!r} must be an integer >= 0")
         if self.stop_mode not in STOP_MODES:
             raise ValueError(f"stop_mode={self.stop_mode!r}; expected one of {STOP_MODES}")
         if self.max_iter < 0:
@@ -120,51 +138,94 @@ def residuals(x: Tensor, fx: Tensor, with_inf: bool) -> tuple[float, float, floa
 
 
 class _Tracker:
-    """Residual bookkeeping shared by all solvers: traces, best iterate, stopping."""
+    """Residual bookkeeping shared by all solvers: traces, best iterate, stopping.
 
-    def __init__(self, tol: float, stop_mode: str, callback: Optional[StepCallback]):
+    Everything per step stays on the device: the residuals (float64, as the host would
+    compute them from the float32 norms), whether every step so far was finite, the best
+    iterate (lowest residual in the stop norm) and whether the tolerance was met. The
+    host reads the stop test every ``check_every`` steps (one sync) and the traces once,
+    in :meth:`finish` (one sync).
+    """
+
+    def __init__(self, x0: Tensor, tol: float, stop_mode: str,
+                 callback: Optional[StepCallback], check_every: int = 1):
         self.tol, self.stop_mode, self.callback = tol, stop_mode, callback
-        self.stats = SolverStats()
-        self.best: Optional[Tensor] = None
-        self._best_value = math.inf
+        self.check_every = check_every
+        self.x0 = x0
+        self.rows: list[Tensor] = []
+        self.best: Tensor = x0
+        self.best_value = torch.full((), math.inf, dtype=torch.float64, device=x0.device)
+        self.best_step = torch.zeros((), dtype=torch.float64, device=x0.device)
+        self.alive = torch.ones((), dtype=torch.bool, device=x0.device)
+        self.converged = torch.zeros((), dtype=torch.bool, device=x0.device)
 
     def record(self, step: int, x: Tensor, fx: Tensor) -> bool:
-        """Record iterate ``x`` with value ``fx = F(x)``; return True to stop."""
-        abs_res, rel_res, inf_res = residuals(x, fx, self.stop_mode == "inf")
-        if not (math.isfinite(abs_res) and math.isfinite(rel_res)):
-            self.stats.diverged = True
-            self.stats.reason = f"non-finite residual at step {step}"
-            return True
-        s = self.stats
-        s.nstep = step
-        s.abs_trace.append(abs_res)
-        s.rel_trace.append(rel_res)
-        if self.stop_mode == "inf":
-            s.inf_trace.append(inf_res)
+        """Record iterate ``x`` with value ``fx = F(x)``; return True to stop (only on a
+        checking step: the host does not see the others)."""
+        diff = fx - x
+        abs_res = torch.linalg.vector_norm(diff).double()
+        fx_norm = torch.linalg.vector_norm(fx).double()
+        # A non-finite ||F(x)|| makes the relative residual inf, never 0: in float32 the
+        # norm overflows (past ~1.8e19) before ||F(x) - x|| does (see residuals()).
+        rel_res = torch.where(torch.isfinite(fx_norm), abs_res / (fx_norm + 1e-12),
+                              math.inf)
+        inf_res = (diff.abs().max().double() if self.stop_mode == "inf"
+                   else torch.full_like(abs_res, math.nan))
         value = {"rel": rel_res, "abs": abs_res, "inf": inf_res}[self.stop_mode]
-        if value < self._best_value or self.best is None:
-            self._best_value = value
-            self.best = x.clone()
-            s.best_step, s.abs_residual, s.rel_residual = step, abs_res, rel_res
-            s.inf_residual = inf_res
+        ok = self.alive & torch.isfinite(abs_res) & torch.isfinite(rel_res)
+        better = ok & (value < self.best_value)
+        self.best = torch.where(better, x, self.best)
+        self.best_value = torch.where(better, value, self.best_value)
+        self.best_step = torch.where(better, float(step), self.best_step)
+        self.converged = self.converged | (ok & (value <= self.tol))
+        self.alive = ok
+        self.rows.append(torch.stack([abs_res, rel_res, inf_res]))
         if self.callback is not None:
             self.callback(step, x)
-        if value <= self.tol:
-            s.converged = True
-            return True
+        if self.check_every and step % self.check_every == 0:
+            return bool(~self.alive | self.converged)   # the one host read of this step
         return False
 
     def finish(self, x0: Tensor) -> tuple[Tensor, SolverStats]:
-        if not self.stats.converged and not self.stats.diverged:
-            self.stats.reason = (f"tolerance {self.tol:g} ({self.stop_mode}) not met in "
-                                 f"{self.stats.nstep} steps; best {self._best_value:.3e}")
-        return (self.best if self.best is not None else x0.clone()), self.stats
+        s = SolverStats()
+        if not self.rows:
+            return x0.clone(), s
+        # one host read: every step's residuals, the best step, the tolerance flag
+        host = torch.cat([torch.stack(self.rows).flatten(), self.best_step[None],
+                          self.converged.double()[None]]).tolist()
+        rows = [host[i:i + 3] for i in range(0, len(host) - 2, 3)]
+        best_step, converged = int(host[-2]), bool(host[-1])
+        first_bad = next((i for i, (a, r, _) in enumerate(rows)
+                          if not (math.isfinite(a) and math.isfinite(r))), None)
+        if first_bad is not None:
+            rows = rows[:first_bad]
+        s.abs_trace = [r[0] for r in rows]
+        s.rel_trace = [r[1] for r in rows]
+        if self.stop_mode == "inf":
+            s.inf_trace = [r[2] for r in rows]
+        s.nstep = max(0, len(rows) - 1)
+        s.converged = converged
+        if first_bad is not None and not converged:
+            s.diverged, s.reason = True, f"non-finite residual at step {first_bad}"
+        if rows:
+            s.best_step = best_step
+            s.abs_residual, s.rel_residual, s.inf_residual = rows[best_step]
+            if self.stop_mode != "inf":
+                s.inf_residual = math.nan
+        if not s.converged and not s.diverged:
+            best = {"abs": s.abs_residual, "rel": s.rel_residual,
+                    "inf": s.inf_residual}[self.stop_mode]
+            s.reason = (f"tolerance {self.tol:g} ({self.stop_mode}) not met in "
+                        f"{s.nstep} steps; best {best:.3e}")
+        best = self.best.clone() if self.best is x0 else self.best
+        return best, s
 
 
 @torch.no_grad()
-def fixed_point(f, x0, max_iter, tol, stop_mode="rel", callback=None, damping=1.0, **_):
+def fixed_point(f, x0, max_iter, tol, stop_mode="rel", callback=None, damping=1.0,
+                check_every=1, **_):
     """(Damped) fixed-point iteration h <- (1 - beta) h + beta F(h)."""
-    track = _Tracker(tol, stop_mode, callback)
+    track = _Tracker(x0, tol, stop_mode, callback, check_every)
     x = x0
     fx = f(x)
     for step in range(max_iter + 1):
@@ -177,7 +238,7 @@ def fixed_point(f, x0, max_iter, tol, stop_mode="rel", callback=None, damping=1.
 
 @torch.no_grad()
 def anderson(f, x0, max_iter, tol, stop_mode="rel", callback=None, memory=5, damping=1.0,
-             reg=1e-4, **_):
+             reg=1e-4, check_every=1, **_):
     """Anderson acceleration (type II), batched per sample.
 
     Keeps the last ``memory`` pairs (x_i, F(x_i)) and mixes them with weights
@@ -190,7 +251,7 @@ def anderson(f, x0, max_iter, tol, stop_mode="rel", callback=None, memory=5, dam
     m = max(1, memory)
     X = x0.new_zeros(bsz, m, n)
     FX = x0.new_zeros(bsz, m, n)
-    track = _Tracker(tol, stop_mode, callback)
+    track = _Tracker(x0, tol, stop_mode, callback, check_every)
     x = x0
     fx = f(x)
     for step in range(max_iter + 1):
@@ -210,7 +271,9 @@ def anderson(f, x0, max_iter, tol, stop_mode="rel", callback=None, memory=5, dam
         A[:, 1:, 1:] = H
         rhs = x0.new_zeros(bsz, used + 1, 1)
         rhs[:, 0] = 1
-        alpha = torch.linalg.solve(A, rhs)[:, 1:, 0]  # (B, used)
+        # solve_ex without its error check: torch.linalg.solve syncs to check for a
+        # singular A, which the regulariser rules out
+        alpha = torch.linalg.solve_ex(A, rhs, check_errors=False)[0][:, 1:, 0]  # (B, used)
         mixed_f = torch.einsum("bu,bun->bn", alpha, FX[:, :used])
         mixed_x = torch.einsum("bu,bun->bn", alpha, X[:, :used])
         x = (damping * mixed_f + (1 - damping) * mixed_x).reshape(shape)
@@ -235,7 +298,7 @@ def _inv_jac_rmatvec(Us: Tensor, VTs: Tensor, v: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def broyden(f, x0, max_iter, tol, stop_mode="rel", callback=None, **_):
+def broyden(f, x0, max_iter, tol, stop_mode="rel", callback=None, check_every=1, **_):
     """Broyden's ("good") method on g(x) = F(x) - x, batched per sample, as in MDEQ.
 
     The inverse Jacobian of g starts at -I and takes one rank-one update a step:
@@ -247,7 +310,7 @@ def broyden(f, x0, max_iter, tol, stop_mode="rel", callback=None, **_):
     cap = max(1, max_iter)
     Us = x0.new_zeros(bsz, cap, n)
     VTs = x0.new_zeros(bsz, cap, n)
-    track = _Tracker(tol, stop_mode, callback)
+    track = _Tracker(x0, tol, stop_mode, callback, check_every)
     x = x0.reshape(bsz, n)
     fx = f(x0).reshape(bsz, n)
     gx = fx - x
@@ -403,8 +466,59 @@ register_solver("broyden", broyden)
 register_solver("gmres", gmres)
 
 
+_GRAPH_NOTES: set[str] = set()
+
+
+def cuda_graphed(f: Callable[[Tensor], Tensor], x0: Tensor) -> Callable[[Tensor], Tensor]:
+    """F for inputs shaped like ``x0``, captured once as a CUDA graph and replayed on every
+    call: its kernels launch as one graph, not one launch each (a forward solve on a GPU
+    waits on kernel launches more than on arithmetic).
+
+    F must be one fixed map for the solve: its input injection and dropout masks are
+    tensors made before the solve, so the graph reads them as they are. One eager call of
+    F (outside the capture: lazy initialisations, allocator warm-up) precedes the capture,
+    and every replay returns a copy of the graph's output buffer. Returns ``f`` itself on
+    the CPU, and where the capture fails (the reason printed once per kind of failure).
+    """
+    if not x0.is_cuda:
+        return f
+    try:
+        static_in = x0.clone()
+        side = torch.cuda.Stream(x0.device)
+        side.wait_stream(torch.cuda.current_stream(x0.device))
+        with torch.cuda.stream(side):
+            f(static_in)
+        torch.cuda.current_stream(x0.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = f(static_in)
+    except Exception as err:  # noqa: BLE001 - any capture failure falls back to eager F
+        note = f"{type(err).__name__}: {err}".splitlines()[0]
+        if note not in _GRAPH_NOTES:
+            _GRAPH_NOTES.add(note)
+            print(f"CUDA graph of F not captured, F runs eagerly: {note}", flush=True)
+        return f
+
+    def replay(x: Tensor) -> Tensor:
+        static_in.copy_(x)
+        graph.replay()
+        return static_out.clone()
+
+    return replay
+
+
 def solve(f, x0: Tensor, config: SolverConfig, callback: Optional[StepCallback] = None):
-    """Run the solver that ``config`` names. Returns ``(x_best, SolverStats)``."""
-    return get_solver(config.name)(f, x0, config.max_iter, config.tol, config.stop_mode,
-                                   callback=callback, damping=config.damping,
-                                   memory=config.memory, restart=config.restart)
+    """Run the solver that ``config`` names. Returns ``(x_best, SolverStats)``.
+
+    The solve runs without autograd, with PyTorch's parametrizations (weight norm) cached:
+    each is computed once for the whole solve, as the official MDEQ and DEQ code compute
+    their weight norm once per forward, not on every call of F. (Calls of F outside the
+    solve, under autograd, compute them afresh, so gradients reach their parameters.)
+    """
+    with torch.no_grad(), parametrize.cached():
+        if config.graph and config.name not in LINEAR_SOLVERS:
+            f = cuda_graphed(f, x0)
+        return get_solver(config.name)(f, x0, config.max_iter, config.tol, config.stop_mode,
+                                       callback=callback, damping=config.damping,
+                                       memory=config.memory, restart=config.restart,
+                                       check_every=config.check_every)

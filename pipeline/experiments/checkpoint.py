@@ -24,7 +24,9 @@ def save_checkpoint(path: Path, model, opt, sched, state: dict, run_id, device: 
     (this process's alone when not given)."""
     payload = {"model": model.state_dict(), "optimizer": opt.state_dict(),
                "scheduler": sched.state_dict(), "rng": rng or [rng_state(device)],
-               "state": state, "run_id": run_id}
+               "state": state, "run_id": run_id,
+               # a resume is bitwise equal to an uninterrupted run only where this is True
+               "deterministic": torch.are_deterministic_algorithms_enabled()}
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from pipeline import tracking as M
-from pipeline.experiments import distributed
+from pipeline.experiments import determinism, distributed
 from pipeline.experiments.checkpoint import restore, save_run, save_weights
 from pipeline.experiments.diagnostics import measure_spectral
 from pipeline.experiments.optim import make_optimizer, make_scheduler
@@ -58,7 +58,7 @@ def train(cfg: TrainConfig, task, tracker, checkpoint: Path | None = None, log=p
     ranks pass a :class:`~pipeline.tracking.NullRun`); every rank returns the same results.
     """
     d = distributed.Dist(rank, world_size)
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    numerics = determinism.configure(cfg.deterministic)
     torch.manual_seed(cfg.seed)
     model = task.build_model()
     if rank:  # the same initial model on every rank, but each rank its own dropout masks
@@ -145,6 +145,7 @@ def train(cfg: TrainConfig, task, tracker, checkpoint: Path | None = None, log=p
     if weights is not None and d.is_main:
         save_weights(weights, model)
     results = summarize(cfg, task, state, status, reason, n_params)
+    results["numerics"] = numerics
     if cfg.spectral_batches and d.is_main and status == "finished":
         results["spectral"] = measure_spectral(task, model, diag_cfg, cfg.spectral_batches)
     return results

@@ -47,6 +47,10 @@ class TrainConfig:
     b_max_iter: int = 24                     # MDEQ-Tiny B_THRES
     b_tol: float = 1e-3
     b_stop_mode: str = "rel"
+    f_check_every: int = 1                   # test f_tol on the host every N steps (0: fixed
+    b_check_every: int = 1                   # budget); each test is a GPU sync (deq.solvers)
+    f_graph: bool = False                    # forward F from a CUDA graph (deq.solvers)
+    deterministic: bool = True               # determinism.configure: bitwise resume
     estimator: str = "implicit"
     k: int = 5
     lam: float = 0.5
@@ -123,12 +127,13 @@ class TrainConfig:
 
     @property
     def forward_solver(self) -> SolverConfig:
-        return SolverConfig(self.f_solver, self.f_max_iter, self.f_tol, self.f_stop_mode)
+        return SolverConfig(self.f_solver, self.f_max_iter, self.f_tol, self.f_stop_mode,
+                            check_every=self.f_check_every, graph=self.f_graph)
 
     @property
     def estimator_config(self) -> EstimatorConfig:
         return EstimatorConfig(self.estimator, self.k, self.lam, self.b_solver, self.b_max_iter,
-                               self.b_tol, self.b_stop_mode)
+                               self.b_tol, self.b_stop_mode, b_check_every=self.b_check_every)
 
     @property
     def diagnostics_config(self) -> DiagnosticsConfig:
@@ -136,7 +141,8 @@ class TrainConfig:
             forward_solver=self.forward_solver, estimator=self.estimator_config,
             implicit=EstimatorConfig("implicit", b_solver=self.b_solver,
                                      b_max_iter=self.b_max_iter, b_tol=self.b_tol,
-                                     b_stop_mode=self.b_stop_mode),
+                                     b_stop_mode=self.b_stop_mode,
+                                     b_check_every=self.b_check_every),
             reference=EstimatorConfig("implicit", b_solver="gmres",
                                       b_max_iter=self.reference_max_iter,
                                       b_tol=self.reference_tol, b_restart=self.reference_restart),

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from pipeline import tracking
-from pipeline.experiments import distributed
+from pipeline.experiments import determinism, distributed
 from pipeline.experiments.checkpoint import load_checkpoint
 from pipeline.experiments.tasks import get_task
 from pipeline.experiments.train import train
@@ -48,6 +48,7 @@ def config_from_args(args) -> tuple[dict, TrainConfig]:
         torch.set_num_threads(max(1, args.threads // distributed.from_env().world_size))
     params = json.loads(args.params)
     cfg = TrainConfig.from_params(params)
+    determinism.configure(cfg.deterministic)  # before CUDA starts: CUBLAS_WORKSPACE_CONFIG
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(f"{args.study} run {args.name}: device={cfg.device!r} but no CUDA "
                          "device is visible; run the paper scale on a GPU node (profiles/slurm) "
