@@ -478,3 +478,26 @@ def test_replay_refuses_a_forward_with_other_layers(model):
     with pytest.raises(RuntimeError, match="replay ran 0 implicit layers, the record has 1"):
         with replay_layers(layers, EstimatorConfig("exact")):
             pass
+
+
+def test_eval_unroll_takes_damped_steps_after_the_solve_at_evaluation_only():
+    """Appendix §2's test-time unrolling: at evaluation, eval_unroll damped steps from h*;
+    in training the estimator is unchanged."""
+    torch.manual_seed(0)
+    W = torch.nn.Parameter(0.5 * torch.randn(6, 6) / 6 ** 0.5)
+    u = torch.randn(3, 6)
+    f = lambda h: torch.tanh(h @ W + u)  # noqa: E731
+    solver = SolverConfig("broyden", 4, 1e-12)  # stopped short: the steps move h
+    h_star, _ = implicit_layer(f, torch.zeros(3, 6), solver, EstimatorConfig("upg"),
+                               training=False)
+    est = EstimatorConfig("upg", k=5, lam=0.5, eval_unroll=3)
+    h_eval, _ = implicit_layer(f, torch.zeros(3, 6), solver, est, training=False)
+    with torch.no_grad():
+        assert torch.equal(h_eval, unroll(f, h_star, 3, 0.5))
+    assert not torch.equal(h_eval, h_star)
+    h_train, _ = implicit_layer(f, torch.zeros(3, 6), solver, est, training=True)
+    h_ref, _ = implicit_layer(f, torch.zeros(3, 6), solver, EstimatorConfig("upg", k=5, lam=0.5),
+                              training=True)
+    assert torch.equal(h_train, h_ref)
+    with pytest.raises(ValueError, match="eval_unroll"):
+        EstimatorConfig("upg", eval_unroll=-1)

@@ -33,6 +33,6 @@ def test_rho_lambda_near_one_checks_both_spectral_radii(tmp_path):
     metrics = tmp_path / "results/vision/imagenet_small_upg/metrics.json"
     metrics.parent.mkdir(parents=True)
     for rho_lambda, status in ((0.76, "not reproduced"), (1.03, "reproduced")):
-        metrics.write_text(f'{{"scale": "default", "dataset": "digits", "status": "finished", '
+        metrics.write_text(f'{{"scale": "paper", "dataset": "imagenet", "status": "finished", '
                            f'"spectral": {{"rho": 1.2, "rho_lambda": {rho_lambda}}}}}')
-        assert evaluate(entry, tmp_path / "results", "default")["status"] == status
+        assert evaluate(entry, tmp_path / "results", "paper")["status"] == status

@@ -259,8 +259,13 @@ def test_dynamics_cover_every_seed_pair_and_step(default_run, tiny):
         for (seed, pair), curve in part.groupby(["seed", "pair"]):
             assert list(curve.step) == list(steps), (method, seed, pair)
         assert set(part.seed) == set(d["seeds"]) and set(part.pair) == set(range(d["pairs"]))
+    # GMRES: from g = 0, one iterate a step, until every pair met the tolerance or the budget
+    gmres = dyn[dyn.method == "gmres"]
+    for (seed, pair), curve in gmres.groupby(["seed", "pair"]):
+        assert list(curve.step) == list(range(len(curve))) and len(curve) <= d["max_iter"] + 1
+    assert set(gmres.seed) == set(d["seeds"]) and set(gmres.pair) == set(range(d["pairs"]))
     table = default_run["pairs"]
-    assert len(table) == 2 * len(d["seeds"]) * d["pairs"]
+    assert len(table) == len(S.METHODS) * len(d["seeds"]) * d["pairs"]
     s = default_run["summary"]
     assert s["dynamics_behaviours"]["broyden"]["seeds"] == len(d["seeds"])
     assert s["dynamics_broyden"]["pairs"] == len(d["seeds"]) * d["pairs"]
@@ -543,7 +548,7 @@ def test_cli_writes_results(cli_results, tiny):
         grid = pd.read_csv(out / "grid.csv")
         assert len(grid) == 2 * len(KS) * len(LAMS)
         dyn = pd.read_csv(out / "dynamics.csv")
-        assert set(dyn.method) == {"broyden", "phantom"}
+        assert set(dyn.method) == {"broyden", "gmres", "phantom"}
         assert set(dyn.seed) == set(tiny["dynamics"]["seeds"])
         summary = json.loads((out / "summary.json").read_text())
         assert summary["Lh"] == Lh and summary["pairs"] == tiny["pairs"]
@@ -638,70 +643,52 @@ def test_plot_synthetic(cli_results, venv_bin, tmp_path):
     assert sum("broyden, W seeds of 2" in t for t in texts) == 2
 
 
-# --- appendix Fig. 1 at the default scale (issue 14, "Done when") -----------------------------
+# --- what the report judges, and its sensitivity ---------------------------------------------
+# The scientific outcomes (appendix Fig. 1 and the main synthetic figure) are claims of
+# pipeline/figures/reference.yaml, judged by the report on the study's results and tested
+# to flip (tests/test_report_flip.py). Here: the quantities they read are computed as said.
 
-def fig1_failures(results: dict[float, dict]) -> list[str]:
-    """The claims the default-scale study must show; [] when all hold. Objectives are
-    relative to their start ||dL/dh||; every pair of every W seed counts."""
-    fails = []
+def test_grid_checks_count_what_the_claims_read():
+    rows = []
+    for name in ("upg", "npg"):
+        for lam, cos in ((0.5, [0.5, 0.7, 0.9]), (1.0, [0.6, 0.65, 0.95])):
+            for k, c in zip((1, 2, 5), cos):
+                rows.append(dict(estimator=name, k=k, lam=lam,
+                                 cos_mean=c + (0.002 if name == "npg" and k == 2 else 0.0)))
+    grid = pd.DataFrame(rows)
+    checks = S.grid_checks(grid)
+    assert checks["series"] == 4 and checks["series_not_rising"] == 0
+    assert checks["upg_npg_max_abs_diff"] == pytest.approx(0.002)
+    # at k = 2 the larger lam (1.0: 0.65) is below the smaller (0.5: 0.7), in both estimators
+    assert checks["lam_pairs"] == 6 and checks["larger_lam_lower"] == 2
+    grid.loc[(grid.estimator == "upg") & (grid.lam == 0.5) & (grid.k == 5), "cos_mean"] = 0.6
+    assert S.grid_checks(grid)["series_not_rising"] == 1
+
+
+def _judge(results: dict[float, dict], root: Path) -> dict[str, str]:
+    """The report's status of every synthetic claim on these results (scale default)."""
+    from pipeline.figures.report import evaluate, reference
     for Lh, r in results.items():
-        s, pairs, grid = r["summary"], r["pairs"], r["grid"]
-        broyden, phantom = pairs[pairs.method == "broyden"], pairs[pairs.method == "phantom"]
-        if not s["dynamics_rho_dF_dh_min"] >= 0.99 * Lh:
-            fails.append(f"L_h={Lh}: rho(dF/dh) at h* {s['dynamics_rho_dF_dh_min']:.4f} "
-                         f"< 0.99 L_h")
-        for (name, lam), part in grid.groupby(["estimator", "lam"]):
-            if not (np.diff(part.sort_values("k").cos_mean) > 0).all():
-                fails.append(f"L_h={Lh}: {name} lam={lam} cosine does not rise with k")
-        if (phantom.cos_sign_changes > 0).any():
-            fails.append(f"L_h={Lh}: the phantom cosine over k is not monotone")
-        if not phantom.max_l1_over_exact.max() <= 3.0:
-            fails.append(f"L_h={Lh}: phantom ||g||_1 reaches {phantom.max_l1_over_exact.max():.2f}"
-                         " x the exact one")
-        if Lh == 0.9:
-            if not s["forward_rel_residual_max"] <= 1e-5:
-                fails.append(f"L_h=0.9: forward residual {s['forward_rel_residual_max']:.1e}")
-            if not broyden.final_objective_rel.max() < 1e-6:
-                fails.append(f"L_h=0.9: Broyden final objective "
-                             f"{broyden.final_objective_rel.max():.1e} x start")
-        if Lh == 0.9999:
-            if not broyden.min_objective_rel.min() > 1e-3:
-                fails.append(f"L_h=0.9999: Broyden reaches {broyden.min_objective_rel.min():.1e} "
-                             "x start")
-            if not (broyden.cos_sign_changes > 0).all():
-                fails.append("L_h=0.9999: Broyden's cosine is monotone in some pair")
-    return fails
+        folder = root / "results" / "synthetic" / f"Lh={Lh:g}"
+        folder.mkdir(parents=True)
+        (folder / "summary.json").write_text(json.dumps(
+            {**r["summary"], "scale": "default", "dataset": "synthetic"}, default=float))
+    claims = [e for e in reference()["claims"] if e["study"] == "synthetic"]
+    rows = [evaluate(e, root / "results", "default") for e in claims]
+    return {row["id"]: row["status"] for row in rows if row["status"] != "not run at this scale"}
 
 
-@pytest.fixture(scope="module")
-def default_scale(params) -> dict[float, dict]:
-    syn = params["synthetic"]
-    return {Lh: run(SyntheticConfig.from_params(Lh, syn), show_progress=False)
-            for Lh in syn["Lh"]}
-
-
-@pytest.mark.slow
-def test_the_default_scale_shows_appendix_fig1(default_scale, params):
-    assert sorted(default_scale) == [0.9, 0.99, 0.999, 0.9999]
-    assert fig1_failures(default_scale) == []
-    # the forward target is met at L_h = 0.9 only, and its miss is recorded elsewhere
-    met = {Lh: r["summary"]["forward_target_met"] for Lh, r in default_scale.items()}
-    assert met == {0.9: True, 0.99: False, 0.999: False, 0.9999: False}
-    # the figure differs visibly: Broyden ends > 1e4 x higher at 0.9999 than at 0.9
-    final = {Lh: r["summary"]["dynamics_broyden"]["final_objective_rel_median"]
-             for Lh, r in default_scale.items()}
-    assert final[0.9999] > 1e4 * final[0.9]
-    assert default_scale[0.9]["summary"]["dynamics_behaviours"]["broyden"]["converged"] == 5
-    assert default_scale[0.9999]["summary"]["dynamics_behaviours"]["broyden"]["stalled"] == 5
-
-
-@pytest.mark.slow
-def test_the_earlier_injection_fails_those_checks(params):
-    """u ~ N(0, 1), one parameter away: tanh saturates, rho stays near 0.78 and Broyden
-    solves the 0.9999 system as easily as the 0.9 one."""
+def test_sensitivity_a_unit_injection_makes_the_dynamics_contrasts_vanish(params, tmp_path):
+    """The contrasts appear only with u ~ N(0, 0.01^2), the condition their rows state:
+    with u ~ N(0, 1), one parameter away, tanh saturates, rho(dF/dh) stays near 0.8, and
+    Broyden solves the 0.99 and 0.9999 systems as cleanly as GMRES."""
     syn = {**params["synthetic"], "u_scale": 1.0}
-    fails = fig1_failures({0.9999: run(SyntheticConfig.from_params(0.9999, syn),
-                                       show_progress=False)})
-    assert any(f.startswith("L_h=0.9999: rho") for f in fails), fails
-    assert any(f.startswith("L_h=0.9999: Broyden reaches") for f in fails), fails
-    assert any("monotone in some pair" in f for f in fails), fails
+    results = {Lh: run(SyntheticConfig.from_params(Lh, syn), show_progress=False)
+               for Lh in (0.99, 0.9999)}
+    assert all(r["summary"]["dynamics_rho_dF_dh_max"] < 0.9 for r in results.values())
+    statuses = _judge(results, tmp_path)
+    contrasts = {"broyden_cosine_reverses_at_0.9999", "broyden_l1_blows_up_at_0.99",
+                 "broyden_ends_less_aligned_than_gmres_at_0.9999",
+                 "phantom_cosine_monotone_at_0.9999"}
+    assert contrasts <= set(statuses), statuses
+    assert {statuses[c] for c in contrasts} == {"not reproduced"}, statuses

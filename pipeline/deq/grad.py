@@ -71,6 +71,9 @@ class EstimatorConfig:
         b_restart: Krylov subspace size of a ``gmres`` backward.
         b_check_every: how often the backward solve tests its tolerance on the host
             (:class:`~pipeline.deq.solvers.SolverConfig`'s ``check_every``; 0: a fixed budget).
+        eval_unroll: at evaluation (no autograd), this many damped steps
+            h <- (1-lam) h + lam F(h) after the solve (appendix §2's test-time unrolling;
+            0, the default, returns h* as solved).
     """
 
     name: str = "implicit"
@@ -82,6 +85,7 @@ class EstimatorConfig:
     b_stop_mode: str = "rel"
     b_restart: int = 200
     b_check_every: int = 1
+    eval_unroll: int = 0
 
     def __post_init__(self) -> None:
         if self.name not in ESTIMATORS:
@@ -90,6 +94,8 @@ class EstimatorConfig:
             raise ValueError(f"estimator k={self.k!r} must be an integer >= 1")
         if not 0.0 < self.lam <= 1.0:
             raise ValueError(f"estimator lam={self.lam} must be in (0, 1]")
+        if not isinstance(self.eval_unroll, int) or self.eval_unroll < 0:
+            raise ValueError(f"estimator eval_unroll={self.eval_unroll!r} must be an integer >= 0")
         self.backward_solver  # validates b_solver
 
     @property
@@ -102,7 +108,8 @@ class EstimatorConfig:
         """``jfb`` is ``upg`` with k = 1, lam = 1."""
         if self.name == "jfb":
             return EstimatorConfig("upg", 1, 1.0, self.b_solver, self.b_max_iter, self.b_tol,
-                                   self.b_stop_mode, self.b_restart, self.b_check_every)
+                                   self.b_stop_mode, self.b_restart, self.b_check_every,
+                                   self.eval_unroll)
         return self
 
 
@@ -324,6 +331,9 @@ def implicit_layer(func: Func, h0: Tensor, solver: SolverConfig, estimator: Esti
     for layers in _RECORDING:
         layers.append(record)
     if not (training and torch.is_grad_enabled()):
+        if est.eval_unroll:  # appendix §2: damped steps after the solve, at test time
+            with torch.no_grad():
+                h_star = unroll(func, h_star, est.eval_unroll, est.lam)
         return h_star, stats
     return attach_estimator(func, h_star, est, record.backward_stats
                             if backward_stats is None else backward_stats), stats

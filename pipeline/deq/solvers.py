@@ -345,7 +345,8 @@ def gmres(f, x0, max_iter, tol, stop_mode="rel", callback=None, restart=200, **_
     (``abs``); the residuals in the stats are recomputed from f at the returned x,
     not taken from the Arnoldi estimate. ``max_iter`` counts Arnoldi steps (calls of f)
     over all restarts. Meant for references, in float64: f must be affine, which is not
-    checked.
+    checked. A ``callback`` gets ``(0, x0)`` and then every step's iterate (the least-squares
+    solution over the Krylov basis so far), which costs a small triangular solve a step.
     """
     if stop_mode not in ("rel", "abs"):
         raise ValueError(f"gmres: stop_mode={stop_mode!r}; expected 'rel' or 'abs'")
@@ -363,6 +364,8 @@ def gmres(f, x0, max_iter, tol, stop_mode="rel", callback=None, restart=200, **_
     stats = SolverStats()
     r = c - matvec(x)
     total = 0
+    if callback is not None:
+        callback(0, x.reshape(shape))
     while True:
         beta = torch.linalg.vector_norm(r, dim=1)
         beta_np = beta.cpu().numpy()
@@ -414,18 +417,23 @@ def gmres(f, x0, max_iter, tol, stop_mode="rel", callback=None, restart=200, **_
             total += 1
             j += 1
             active = active & (np.abs(g[:, j]) > thresh) & (col[:, j - 1] != 0)
-        y = np.stack([_upper_solve(R[b, :j, :j], g[b, :j]) for b in range(bsz)])
-        x = x + torch.bmm(torch.as_tensor(y, dtype=x.dtype, device=x.device)[:, None, :],
-                          V[:, :j]).squeeze(1)
+            if callback is not None:
+                callback(total, _krylov_iterate(x, V, R, g, j).reshape(shape))
+        x = _krylov_iterate(x, V, R, g, j)
         r = c - matvec(x)
-        if callback is not None:
-            callback(total, x.reshape(shape))
     stats.nstep = total
     stats.converged = not stats.diverged and not active.any()
     if not stats.converged and not stats.diverged:
         stats.reason = (f"tolerance {tol:g} ({stop_mode}) not met by every sample in {total} "
                         f"steps; worst relative residual {max(stats.sample_rel_residual):.3e}")
     return x.reshape(shape), stats
+
+
+def _krylov_iterate(x: Tensor, V: Tensor, R: np.ndarray, g: np.ndarray, j: int) -> Tensor:
+    """x + V_j y with y the least-squares solution R_j y = g_j of GMRES after j steps."""
+    y = np.stack([_upper_solve(R[b, :j, :j], g[b, :j]) for b in range(x.shape[0])])
+    return x + torch.bmm(torch.as_tensor(y, dtype=x.dtype, device=x.device)[:, None, :],
+                         V[:, :j]).squeeze(1)
 
 
 def _record_linear(stats: SolverStats, r_norm: np.ndarray, c_norm: Tensor) -> None:

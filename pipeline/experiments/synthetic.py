@@ -57,7 +57,10 @@ Tensor = torch.Tensor
 
 LAYOUTS = ("per_pair", "joint")
 DTYPES = ("float32", "float64")
-METHODS = ("broyden", "phantom")
+# The backward dynamics: Broyden on the backward system, GMRES on the same system in the
+# same dtype and budget (the contrast that tells Broyden's own instability from the
+# system's conditioning), and the phantom gradient's iterate.
+METHODS = ("broyden", "gmres", "phantom")
 # Behaviours of the backward dynamics, with the thresholds issue 14 names (appendix §4.4:
 # "the gradient solver diverges in ill-conditioned situations"; "the norm of the solved
 # gradient also tends to explode"), objectives relative to the start ||dL/dh|| (g = 0).
@@ -341,7 +344,37 @@ def fidelity(cfg: SyntheticConfig, show_progress: bool = True, checkpoint_dir: P
         chunks=len(parts), grid_seconds=seconds, seconds_per_pair=seconds / cfg.pairs,
     )
     frame = pd.DataFrame(rows).sort_values(["estimator", "lam", "k"]).reset_index(drop=True)
+    summary["grid_checks"] = grid_checks(frame)
     return frame, summary
+
+
+GRID_COS_FLAT = 1e-6  # a change of the mean cosine below this is float noise, not a trend
+
+
+def grid_checks(grid: pd.DataFrame) -> dict:
+    """What the main paper's synthetic figure shows, measured on the grid (the mean cosine
+    over pairs of each estimator, k and lam), for the report to judge:
+
+    * ``series_not_rising``: of the (estimator, lam) series, how many fall somewhere as k
+      grows (by more than GRID_COS_FLAT), out of ``series``;
+    * ``upg_npg_max_abs_diff``: the largest |cos_UPG - cos_NPG| over (k, lam);
+    * ``larger_lam_lower``: over the estimators, k and each pair of neighbouring lam,
+      how often the larger lam has the lower cosine (by more than GRID_COS_FLAT), out of
+      ``lam_pairs``.
+    """
+    series = not_rising = pairs = lower = 0
+    for _, part in grid.groupby(["estimator", "lam"]):
+        series += 1
+        not_rising += int((np.diff(part.sort_values("k").cos_mean) < -GRID_COS_FLAT).any())
+    for _, part in grid.groupby(["estimator", "k"]):
+        cos = part.sort_values("lam").cos_mean.to_numpy()
+        pairs += len(cos) - 1
+        lower += int((np.diff(cos) < -GRID_COS_FLAT).sum())
+    wide = grid.pivot_table(index=["k", "lam"], columns="estimator", values="cos_mean")
+    diff = (wide["upg"] - wide["npg"]).abs().max() if {"upg", "npg"} <= set(wide) else math.nan
+    return {"series": series, "series_not_rising": not_rising, "flat": GRID_COS_FLAT,
+            "upg_npg_max_abs_diff": float(diff), "lam_pairs": pairs,
+            "larger_lam_lower": lower}
 
 
 # --- 2. backward-solver dynamics (appendix Fig. 1) ------------------------------------------------
@@ -349,7 +382,9 @@ def fidelity(cfg: SyntheticConfig, show_progress: bool = True, checkpoint_dir: P
 def dynamics_seed(cfg: SyntheticConfig, seed: int) -> dict:
     """Appendix §4.4 for the W of one seed: Broyden on (I - J^T) g = dL/dh vs the phantom
     gradient's iterate, per pair and step: (1) the objective ||(I - J^T) g - dL/dh||,
-    (2) it over ||g||, (3) cos(g, exact), (4) ||g||_1.
+    (2) it over ||g||, (3) cos(g, exact), (4) ||g||_1. GMRES runs on the same system, pairs
+    and dtype with Broyden's budget and tolerance (each step's least-squares iterate), so
+    that what Broyden does can be told from what the system's conditioning allows.
 
     The phantom iterate with k terms is lam * sum_{t<k} (B^T)^t dL/dh with
     B = (1 - lam) I + lam J (Alg. 3, Eq. A-10); it is recorded at step k. Also per pair:
@@ -384,10 +419,14 @@ def dynamics_seed(cfg: SyntheticConfig, seed: int) -> dict:
 
     # per_pair: a batch of P pairs, each its own Broyden; joint: one Broyden on everything
     shape = (P, cfg.rows * D) if cfg.dynamics_layout == "per_pair" else (1, P * cfg.rows * D)
-    _, bstats = solve(lambda g: (vjp(g.reshape(-1, D)) + grad_h).reshape(shape),
-                      torch.zeros(shape, dtype=grad_h.dtype, device=grad_h.device),
-                      cfg.dynamics_solver,
+    backward_map = lambda g: (vjp(g.reshape(-1, D)) + grad_h).reshape(shape)  # noqa: E731
+    g0 = torch.zeros(shape, dtype=grad_h.dtype, device=grad_h.device)
+    _, bstats = solve(backward_map, g0, cfg.dynamics_solver,
                       callback=lambda step, g: record("broyden", g.reshape(-1, D)))
+    # GMRES on the same system, pairs and dtype, with Broyden's budget and tolerance
+    gmres_cfg = SolverConfig("gmres", cfg.dynamics_solver.max_iter, cfg.dynamics_solver.tol,
+                             "rel", restart=max(1, cfg.dynamics_solver.max_iter))
+    solve(backward_map, g0, gmres_cfg, callback=lambda step, g: record("gmres", g.reshape(-1, D)))
     lam = cfg.phantom_lam
     g_hat = grad_h
     for _ in range(cfg.dynamics_solver.max_iter):  # Alg. 3, one more Neumann term a step
@@ -430,6 +469,7 @@ def pair_table(cfg: SyntheticConfig, parts: list[dict]) -> pd.DataFrame:
                     final_objective_rel=float(obj[np.isfinite(obj)][-1]),
                     ended_above_start=bool(obj[np.isfinite(obj)][-1] > 1.0),
                     max_l1_over_exact=float(np.nanmax(c["l1"][:, p]) / part["exact_l1"][p].item()),
+                    final_cosine=float(c["cosine"][:, p][np.isfinite(c["cosine"][:, p])][-1]),
                     cos_sign_changes=cosine_sign_changes(c["cosine"][:, p], cfg.cosine_flat),
                     diverged=part["broyden_diverged"] if method == "broyden" else False))
     return pd.DataFrame(rows)
@@ -500,6 +540,8 @@ def dynamics(cfg: SyntheticConfig, show_progress: bool = True, checkpoint_dir: P
             final_objective_rel_highest=float(part.final_objective_rel.max()),
             pairs_above_start=int(part.ended_above_start.sum()), pairs=len(part),
             max_l1_over_exact=float(part.max_l1_over_exact.max()),
+            final_cosine_median=float(part.final_cosine.median()),
+            final_cosine_min=float(part.final_cosine.min()),
             cos_sign_changes_median=float(part.cos_sign_changes.median()),
             cos_sign_changes_min=int(part.cos_sign_changes.min()),
             cos_sign_changes_max=int(part.cos_sign_changes.max()))

@@ -11,6 +11,7 @@ to the tracker (:mod:`.results`), and returns the run's results. Where the rest 
 * :mod:`.step`: one step, its metrics row, and the divergence rules;
 * :mod:`.diagnostics`: the gradient diagnostics of a step, and the spectral radii after
   training;
+* :mod:`.test_time`: the evaluation with test-time unrolling after training;
 * :mod:`.checkpoint`: save, load, resume;
 * :mod:`.results`: the rows to MLflow and the results summary (``metrics.json``);
 * :mod:`.train_job`: the ``python -m pipeline train`` command around it.
@@ -30,6 +31,7 @@ from pipeline.experiments.diagnostics import measure_spectral
 from pipeline.experiments.optim import make_optimizer, make_scheduler
 from pipeline.experiments.results import catch_up, log_new_rows, summarize
 from pipeline.experiments.step import Divergence, check_capped, train_step
+from pipeline.experiments.test_time import test_time_evaluation
 from pipeline.experiments.train_config import TrainConfig
 from pipeline.progress import progress
 
@@ -148,6 +150,8 @@ def train(cfg: TrainConfig, task, tracker, checkpoint: Path | None = None, log=p
     results["numerics"] = numerics
     if cfg.spectral_batches and d.is_main and status == "finished":
         results["spectral"] = measure_spectral(task, model, diag_cfg, cfg.spectral_batches)
+    if cfg.test_time_eval and d.is_main and status == "finished":
+        results["test_time"] = test_time_evaluation(task, model, cfg)
     return results
 
 

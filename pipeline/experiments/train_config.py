@@ -81,6 +81,8 @@ class TrainConfig:
     diverge_capped_epochs: int | None = None  # forward solve at its cap for N+1 epochs in a
                                               # row, residual grown 10x: divergence (None: off)
     nproc_per_node: int = 1                  # ranks: >1 the rule runs the job under torchrun
+    test_time_eval: bool = False             # after training: evaluate with 0, k, 2k unrolled
+                                             # steps and 1/2x, 2x f_max_iter (test_time.py)
     spectral_batches: int = 0                # after training: rho(dF/dh), rho(dF_lam/dh) on
                                              # this many evaluation batches (0: not measured)
     # Jacobian regularization (pipeline.deq.jacobian): weight, freq, incr, incr_every, samples
@@ -107,6 +109,7 @@ class TrainConfig:
             for key, value in (("diagnostics_every", self.diagnostics_every),
                                ("adaptive_lam_every", self.adaptive_lam_every),
                                ("spectral_batches", self.spectral_batches),
+                               ("test_time_eval", self.test_time_eval),
                                ("jacobian_reg.weight", jr.weight)):
                 if value:
                     raise ValueError(f"{key}: {value} needs the fixed point h*, which estimator "

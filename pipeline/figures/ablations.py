@@ -153,6 +153,24 @@ def plot_training(runs: dict[str, dict]):
     return fig
 
 
+def test_time_text(runs: dict[str, dict]) -> str:
+    """The runs evaluated with test-time unrolling (appendix §2): per setting, the metric and
+    the evaluation time (pipeline/experiments/test_time.py); "" where none was."""
+    parts = []
+    for name, run in runs.items():
+        tt = run["metrics"].get("test_time")
+        if not tt:
+            continue
+        frame = pd.DataFrame(tt["settings"]).drop(columns=["unroll", "f_max_iter"])
+        se = f"{tt['two_se']:.3g}" if tt["two_se"] is not None else "n/a"
+        parts.append(f"\nTest-time unrolling, {name} (k = {tt['k']}, λ = {tt['lam']:g}, "
+                     f"{tt['count']} test samples; 2 binomial SE = {se}; decay without the "
+                     f"unrolling {tt['decay_without_unrolling']:.3g}, gain from 2k "
+                     f"{tt['gain_from_2k']:.3g}):\n\n"
+                     f"{frame.to_markdown(index=False, floatfmt='.4g')}\n")
+    return "".join(parts)
+
+
 def add_arguments(parser) -> None:
     parser.add_argument("--results", nargs="+", required=True)
     parser.add_argument("--out", default="figures")
@@ -167,7 +185,7 @@ def main(args) -> int:
     write_csv(frame, out / "ablations_table.csv")
     with atomic_path(out / "ablations_table.md") as tmp:
         tmp.write_text(f"{header(runs)}\n\n{frame.to_markdown(index=False, floatfmt='.4g')}\n\n"
-                       f"{COLUMN_NOTE}\n")
+                       f"{COLUMN_NOTE}\n{test_time_text(runs)}")
     save(fig, out, "ablations_training")
     metrics = [r["metrics"] for r in runs.values()]
     scale, dataset = scales_datasets(metrics)

@@ -99,22 +99,56 @@ def _meta(path: Path) -> dict:
     return {}
 
 
+def _unit_failures(meta: dict) -> str | None:
+    """"k of N units failed" for a job of folds or seeds (train-repeats) with a failed unit."""
+    units = meta.get("units") or []
+    failed = [u for u in units if u.get("status") == "failed"]
+    return f"{len(failed)} of {len(units)} units failed" if failed else None
+
+
+def _trend(values: list[float]) -> float:
+    """Mean of the last third of a curve minus the mean of its first third (NaN below 2
+    points)."""
+    if len(values) < 2:
+        return math.nan
+    third = max(1, len(values) // 3)
+    return sum(values[-third:]) / third - sum(values[:third]) / third
+
+
 def read_ours(spec: dict, root: Path) -> dict:
-    """One value from results: {value, files, source, scale, dataset, status, run_ids,
-    commits}; value None when no file matches."""
+    """One value from results: {value, files, source, scale, dataset, failed, run_ids,
+    commits, short}; value None when no file matches (or, with ``min_files``, fewer files
+    than that: ``short`` says so).
+
+    A spec reads a JSON ``key`` (dotted) or a CSV ``column``; for a CSV, ``where`` keeps the
+    rows whose columns equal the given strings and ``settled`` the rows where that column
+    is 1. ``agg`` combines the matched files and rows: one, mean, max, min, or
+    trend_min / trend_max (per file, the mean of the last third of the rows minus the mean
+    of the first third; then the smallest or largest over the files)."""
     files = sorted(root.glob(spec["path"].removeprefix("results/")))
     where = spec.get("key") or spec.get("column")
     source = f"{spec['path']}#{where}"
     if not files:
         return {"value": None, "files": [], "source": source}
+    if len(files) < spec.get("min_files", 1):
+        return {"value": None, "files": [str(f) for f in files], "source": source,
+                "short": f"needs at least {spec['min_files']} runs matching {spec['path']}, "
+                         f"found {len(files)}"}
+    agg = spec.get("agg", "one")
     values, metas = [], [_meta(f) for f in files]
     for f in files:
         if "key" in spec:
             values.append(_dig(json.loads(f.read_text()), spec["key"]))
-        else:
-            column = pd.read_csv(f)[spec["column"]].dropna()
-            values.extend(column.tolist())
-    agg = spec.get("agg", "one")
+            continue
+        frame = pd.read_csv(f, dtype={c: str for c in spec.get("where", {})})
+        for col, wanted in spec.get("where", {}).items():
+            frame = frame[frame[col] == str(wanted)]
+        if spec.get("settled"):
+            frame = frame[frame[spec["settled"]] == 1]
+        column = frame[spec["column"]].dropna().tolist()
+        values.extend([_trend(column)] if agg.startswith("trend") else column)
+    if agg.startswith("trend"):
+        values = [v for v in values if not math.isnan(v)]
     if not values:
         value = None
     elif all(isinstance(v, str) for v in values):
@@ -125,15 +159,17 @@ def read_ours(spec: dict, root: Path) -> dict:
         value = values[0]
     else:
         numbers = [float(v) for v in values if v is not None]
-        value = {"mean": lambda x: sum(x) / len(x), "max": max, "min": min}[agg](numbers) \
-            if numbers else None
+        value = {"mean": lambda x: sum(x) / len(x), "max": max, "min": min, "trend_max": max,
+                 "trend_min": min}[agg](numbers) if numbers else None
     if spec.get("scale_pct") and isinstance(value, (int, float)):
         value = 100 * value
+    failed = [m.get("name", str(f)) for m, f in zip(metas, files) if m.get("status") == "failed"]
+    failed += [f"{m.get('name', str(f))}: {_unit_failures(m)}" for m, f in zip(metas, files)
+               if m.get("status") != "failed" and _unit_failures(m)]
     return {"value": value, "files": [str(f) for f in files], "source": source,
             "scale": ",".join(sorted({str(m.get("scale", "?")) for m in metas})),
             "dataset": ",".join(sorted({str(m.get("dataset", "?")) for m in metas})),
-            "failed": [m.get("name", str(f)) for m, f in zip(metas, files)
-                       if m.get("status") == "failed"],
+            "failed": failed,
             "run_ids": sorted({m.get("mlflow_run_id") or m.get("mlflow_parent_run_id")
                                for m in metas
                                if m.get("mlflow_run_id") or m.get("mlflow_parent_run_id")}),
@@ -164,7 +200,14 @@ def _expect(expr, values: dict) -> bool:
 
 
 def evaluate(entry: dict, root: Path, scale: str) -> dict:
-    """The row of one claim."""
+    """The row of one claim.
+
+    A claim is judged only where it means something: at ``comparable.scale`` on
+    ``comparable.dataset`` (``any`` for a claim about the method itself, checkable on any
+    run). Elsewhere the row reads "not run at this scale", and a value that exists shows as
+    a smoke value, labelled, not as evidence. A row whose runs failed (a job, or one of its
+    folds or seeds) reads "run failed", unless the claim ``expects_failure``. ``condition``
+    (the choices a reproduced row rests on) goes into the note."""
     specs = entry.get("values") or {"ours": entry["ours"]}
     read = {name: read_ours(spec, root) for name, spec in specs.items()}
     first = next(iter(read.values()))
@@ -178,34 +221,40 @@ def evaluate(entry: dict, root: Path, scale: str) -> dict:
            "gap": "", "source": "; ".join(r["source"] for r in read.values()),
            "run_ids": ",".join(i for r in read.values() for i in r.get("run_ids", [])),
            "commits": ",".join(sorted({c for r in read.values() for c in r.get("commits", [])}))}
+    notes = []
     failed = [n for r in read.values() for n in r.get("failed", [])]
     missing = any(r["value"] is None for r in read.values())
+    at_scale = all(comparable["scale"] in ("any", r.get("scale")) and
+                   comparable["dataset"] in ("any", r.get("dataset"))
+                   for r in read.values() if r["value"] is not None)
+    short = [r["short"] for r in read.values() if r.get("short")]
     if missing:
         row["status"] = "not run at this scale"
         row["ours"] = "not run"
-    elif failed and not str(entry["test"].get("expect", "")).endswith("failed"):
+        notes += short
+    elif failed and not entry.get("expects_failure"):
         row["status"] = "run failed"
+        notes.append("failed: " + "; ".join(failed))
+    elif entry["kind"] == "quantitative" and entry["paper"] is None:
+        row["status"] = "paper value not available"
+    elif not at_scale:
+        row["status"] = "not run at this scale"
+        row["ours"] = f"smoke value at {row['scale']} / {row['dataset']}: {row['ours']}"
+        notes.append(f"judged only at {comparable['scale']} / {comparable['dataset']}")
     elif entry["kind"] == "quantitative":
-        at_scale = (first["scale"] == comparable["scale"]
-                    and first["dataset"] == comparable["dataset"])
-        if entry["paper"] is not None and isinstance(values["ours"], (int, float)):
-            row["gap"] = _fmt(values["ours"] - entry["paper"])
-        if entry["paper"] is None:
-            row["status"] = "paper value not available"
-        elif not at_scale:
-            row["status"] = "not run at this scale"
-        else:
-            ok = abs(values["ours"] - entry["paper"]) <= entry["test"]["tolerance"]
-            row["status"] = "reproduced" if ok else "not reproduced"
+        ok = abs(values["ours"] - entry["paper"]) <= entry["test"]["tolerance"]
+        row["status"] = "reproduced" if ok else "not reproduced"
     else:
         row["status"] = "reproduced" if _expect(entry["test"]["expect"], values) \
             else "not reproduced"
-        if entry["paper"] is not None and isinstance(values.get("ours"), (int, float)):
-            row["gap"] = _fmt(values["ours"] - entry["paper"])
-    if row["scale"] == "default" and row["status"] != "not run at this scale":
-        row["note"] = "default scale, one seed per run"
-    else:
-        row["note"] = ""
+    if entry["paper"] is not None and isinstance(values.get("ours"), (int, float)) \
+            and row["status"] != "not run at this scale":
+        row["gap"] = _fmt(values["ours"] - entry["paper"])
+    if row["scale"] == "default" and row["status"] not in ("not run at this scale",):
+        notes.insert(0, "default scale, one seed per run")
+    if entry.get("condition") and row["status"] in ("reproduced", "not reproduced"):
+        notes.append(f"under {entry['condition']}")
+    row["note"] = "; ".join(notes)
     assert row["status"] in STATUSES, row
     return row
 

@@ -79,13 +79,16 @@ PANELS = (("objective", "‖(I − ∂F/∂h)ᵀ ĝ − ∂L/∂h‖", "log"),
           ("rel_error", "objective / ‖ĝ‖", "log"),
           ("cosine", "cos(ĝ, exact)", "linear"),
           ("l1", "‖ĝ‖₁", "log"))
-STYLE = {"broyden": ("C0", "-", "Broyden ĝ"), "phantom": ("C1", "--", "phantom (NPG, k = step)")}
+STYLE = {"broyden": ("C0", "-", "Broyden ĝ"), "gmres": ("C2", ":", "GMRES ĝ (same dtype, budget)"),
+         "phantom": ("C1", "--", "phantom (NPG, k = step)")}
 
 
 def behaviour_text(summary: dict) -> str:
     """How many W seeds showed each behaviour (pipeline.experiments.synthetic.seed_behaviours)."""
     lines = []
-    for method in ("broyden", "phantom"):
+    for method in STYLE:
+        if method not in summary["dynamics_behaviours"]:
+            continue  # results from before GMRES joined the dynamics
         b = summary["dynamics_behaviours"][method]
         n = b["seeds"]
         lines.append(f"{method}, W seeds of {n}:\n"
@@ -124,7 +127,8 @@ def plot_dynamics(studies: dict[float, dict]):
         axes[row, 3].text(1.04, 0.5, behaviour_text(summary), transform=axes[row, 3].transAxes,
                           va="center", ha="left", fontsize=7, family="monospace")
     axes[0, 3].legend(fontsize=7, loc="upper left")
-    fig.suptitle("Backward linear system: Broyden vs phantom gradient (appendix Fig. 1)")
+    fig.suptitle("Backward linear system: Broyden and GMRES (same dtype and budget) vs the "
+                 "phantom gradient (appendix Fig. 1)")
     fig.tight_layout()
     _footer(fig, next(iter(studies.values()))["summary"], dynamics=True)
     return fig
