@@ -51,7 +51,8 @@ QUICK = dict(model={"preset": "default", "d_model": 16, "n_head": 2, "d_head": 8
 COLUMNS = ["case", "estimator", "k", "lam", "f_thres", "b_thres", "jr_weight", "shape",
            "batch", "tgt_len", "mem_len", "params", "repeats", "forward_s", "backward_s",
            "step_s", "fwd_nstep", "peak_mem_mb", "step_ratio_implicit_jr_over_this",
-           "backward_ratio_implicit_jr_over_this", "device", "threads", "torch"]
+           "backward_ratio_implicit_jr_over_this", "step_ratio_implicit_f30_over_this",
+           "device", "threads", "torch"]
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,8 @@ CASES = [
     Case("upg_jr_f20", EstimatorConfig("upg", k=5, lam=0.5), 20, 0.1),
     Case("upg_f14", EstimatorConfig("upg", k=5, lam=0.5), 14, 0.0),
     Case("npg", EstimatorConfig("npg", k=5, lam=0.5), 14, 0.0),
+    # the DEQ protocol's baseline: implicit without JR at the official PostLN script's 30/35
+    Case("implicit_f30", EstimatorConfig("implicit", b_max_iter=35, b_tol=1e-3), 30, 0.0),
 ]
 
 
@@ -145,9 +148,11 @@ def run(args) -> list[dict]:
                      "device": args.device, "threads": torch.get_num_threads(),
                      "torch": torch.__version__})
     ref = next(r for r in rows if r["case"] == "implicit_jr")
+    base = next(r for r in rows if r["case"] == "implicit_f30")
     for r in rows:
         r["step_ratio_implicit_jr_over_this"] = ref["step_s"] / r["step_s"]
         r["backward_ratio_implicit_jr_over_this"] = ref["backward_s"] / r["backward_s"]
+        r["step_ratio_implicit_f30_over_this"] = base["step_s"] / r["step_s"]
     return rows
 
 
@@ -158,7 +163,8 @@ def summary(rows: list[dict]) -> str:
     for name in ("upg_jr_f14", "upg_jr_f20", "npg"):
         r = by[name]
         lines.append(f"  implicit + JR 2.0 / {name}: step {r['step_ratio_implicit_jr_over_this']:.2f}x, "
-                     f"backward {r['backward_ratio_implicit_jr_over_this']:.2f}x")
+                     f"backward {r['backward_ratio_implicit_jr_over_this']:.2f}x; implicit "
+                     f"30/35 (no JR) / {name}: step {r['step_ratio_implicit_f30_over_this']:.2f}x")
     lines.append(f"  peak memory JR on / off: implicit "
                  f"{by['implicit_jr']['peak_mem_mb'] / by['implicit']['peak_mem_mb']:.2f}x, "
                  f"UPG {by['upg_jr_f14']['peak_mem_mb'] / by['upg_f14']['peak_mem_mb']:.2f}x "

@@ -54,6 +54,7 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: item.path.name not in WORKFLOW_FILES)  # stable
 
 
+@pytest.hookimpl(optionalhook=True)  # a run without xdist (-p no:xdist) never calls it
 def pytest_xdist_make_scheduler(config, log):
     """xdist's ``loadfile`` (a file's tests on one worker, so its module fixtures, such as a
     benchmark run, are made once), with every file of WORKFLOW_FILES in one scope: no two

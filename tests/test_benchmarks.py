@@ -123,7 +123,10 @@ def test_deq_transformer_config_runs_every_case(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(out, newline="") as fh:
         rows = {r["case"]: r for r in csv.DictReader(fh)}
-    assert set(rows) == {"implicit_jr", "implicit", "upg_jr_f14", "upg_jr_f20", "upg_f14", "npg"}
+    assert set(rows) == {"implicit_jr", "implicit", "upg_jr_f14", "upg_jr_f20", "upg_f14", "npg",
+                         "implicit_f30"}
+    assert int(rows["implicit_f30"]["f_thres"]) == 30 and int(rows["implicit_f30"]["b_thres"]) == 35
+    assert float(rows["implicit_f30"]["step_ratio_implicit_f30_over_this"]) == 1.0
     for r in rows.values():
         for col in ("forward_s", "backward_s", "step_s", "peak_mem_mb"):
             assert float(r[col]) > 0, (r["case"], col)

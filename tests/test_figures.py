@@ -37,15 +37,20 @@ def test_scales_datasets_are_over_all_runs():
 
 def test_lm_time_ratio_needs_a_finished_reference():
     runs = {"postln_implicit_jr": _lm_run("postln_implicit_jr", step_s=3.0),
+            "postln_implicit": _lm_run("postln_implicit", step_s=5.0),
             "postln_upg": _lm_run("postln_upg", step_s=2.0)}
     assert lm.time_ratio(runs, "postln_upg") == pytest.approx(1.5)
+    assert lm.time_ratio(runs, "postln_upg", lm.DEQ_BASELINE) == pytest.approx(2.5)
     runs["postln_implicit_jr"] = _lm_run("postln_implicit_jr", status="failed", step_s=0.1)
     assert lm.time_ratio(runs, "postln_upg") is None
     table = lm.table(runs).set_index("run")
-    assert table.loc["postln_upg", "time ratio"] == "reference failed"
-    del runs["postln_implicit_jr"]
+    assert table.loc["postln_upg", "time ratio vs implicit + JR"] == "reference failed"
+    assert table.loc["postln_upg", "time ratio vs implicit 30/35"] == pytest.approx(2.5)
+    del runs["postln_implicit_jr"], runs["postln_implicit"]
     assert lm.time_ratio(runs, "postln_upg") is None
-    assert lm.table(runs).set_index("run").loc["postln_upg", "time ratio"] == "reference missing"
+    table = lm.table(runs).set_index("run")
+    assert table.loc["postln_upg", "time ratio vs implicit + JR"] == "reference missing"
+    assert table.loc["postln_upg", "time ratio vs implicit 30/35"] == "reference missing"
 
 
 def test_lm_table_and_figures_name_scale_and_dataset():

@@ -48,7 +48,9 @@ def _batch(config: MDEQConfig, bsz: int = 2, seed: int = 1) -> torch.Tensor:
 
 
 def test_parameter_count_matches_official_tiny():
-    """158,986 trainable parameters, as counted with the official code (paper-numbers.md).
+    """158,986 trainable parameters, as counted with the official code (paper-numbers.md):
+    locuslab/mdeq@20e8a40 experiments/cifar/cls_mdeq_TINY.yaml, built and counted as the
+    comment above COUNTED below says.
 
     The count pins the architecture: expansion 5, weight norm (one g per output channel),
     no stage0 injection conv, affine-free head bottleneck BNs, biased head convs.
@@ -195,11 +197,19 @@ IMAGENET = dict(in_channels=3, num_classes=1000, image_size=224)
 
 
 # (preset, overrides, dataset, trainable parameters, of which stem + injection, F, head).
-# Each total and each part equals the official code's count: locuslab/mdeq@20e8a40
-# lib/models/mdeq.py MDEQClsNet built from experiments/cifar/cls_mdeq_{TINY,LARGE}.yaml and
-# experiments/imagenet/cls_mdeq_SMALL.yaml, summing p.numel() over parameters with
-# requires_grad (its `downsample` + `stage0`; `fullstage`; `incre_modules` +
-# `downsamp_modules` + `final_layer` + `classifier`). The official model also holds
+# Each total and each part equals the official code's count: locuslab/mdeq@20e8a40 (20e8a4074656
+# c71781ebc3b1a98b81ff48cf8ff9) lib/models/mdeq.py MDEQClsNet built from
+# experiments/cifar/cls_mdeq_{TINY,LARGE}.yaml and experiments/imagenet/cls_mdeq_SMALL.yaml,
+# summing p.numel() over parameters with requires_grad (its `downsample` + `stage0`;
+# `fullstage`; `incre_modules` + `downsamp_modules` + `final_layer` + `classifier`).
+# Counted (2026-12-04, torch 2.14.1, CPU, the official code unpatched) in a scratch folder
+# outside the project: `git archive 20e8a40 lib experiments tools | tar -x -C official`,
+# `pip install --target site yacs`, a `termcolor` stub (`colored = lambda s, *a, **k: s`),
+# then with PYTHONPATH=stubs:site and official/lib on sys.path (as tools/_init_paths.py):
+# `cfg = config.clone(); cfg.merge_from_file("experiments/<yaml>");
+# cfg.merge_from_list(["MODEL.EXPANSION_FACTOR", 4, "MODEL.EXTRA.FULL_STAGE.HEAD_CHANNELS",
+# [28, 56, 112, 224]])` for the last row; `model = models.mdeq.get_cls_net(cfg)`; the sums
+# above. The released SMALL yaml already has expansion 5 and head [24, 48, 96, 192]. The official model also holds
 # `fullstage_copy`, a frozen deep copy of F for its backward pass (requires_grad False): counted
 # too, the totals would be 270,442 / 19,811,230 / 25,521,768 / 24,191,448, so neither paper
 # counted it. The MDEQ paper's 10M (CIFAR-10 large) and 18M (ImageNet small) are rounded

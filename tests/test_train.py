@@ -553,3 +553,33 @@ def test_test_time_eval_needs_a_fixed_point():
     with pytest.raises(ValueError, match="test_time_eval"):
         TrainConfig.from_params({"estimator": "bptt", "diagnostics_every": 0,
                                  "test_time_eval": True})
+
+
+def test_on_a_jr_step_the_reference_includes_the_penalty(digits_default_split, monkeypatch):
+    """The applied gradient of a JR step holds the penalty's gradient; the reference adds
+    the same term (weight, probe vectors): with implicit differentiation and a converged
+    backward the cosine is that of two equal gradients, and it drops where the reference
+    leaves the penalty out (both references of the same step, diagnosed twice)."""
+    from pipeline.experiments import step as step_module
+    from pipeline.experiments.train import train
+    from pipeline.tracking import NullRun
+    real, seen = step_module.diagnose, {}
+
+    def twice(*args, **kwargs):
+        seen["without"] = real(*args[:7])  # the task's loss alone, as before
+        seen["with"] = real(*args, **kwargs)
+        return seen["with"]
+
+    monkeypatch.setattr(step_module, "diagnose", twice)
+    params = {**TINY, "epochs": 1, "max_steps_per_epoch": 1, "pretrain_steps": 0,
+              "estimator": "implicit", "b_max_iter": 200, "b_tol": 1e-4, "f_max_iter": 30,
+              "diagnostics_every": 1, "reference_max_iter": 600, "timing_repeats": 1,
+              "memory_every": 0, "jacobian_reg": {"weight": 20.0, "freq": 1.0}}
+    cfg = TrainConfig.from_params(params)
+    task = task_registry.get_task("image")(cfg.model, cfg.data, digits_default_split, "cpu", 16,
+                                           400, 0)
+    row = train(cfg, task, NullRun(), None, log=lambda _: None)["curves"][0]
+    assert row[M.JR_WEIGHT] == 20.0 and row[M.GRAD_IMPLICIT_CONVERGED] == 1.0, row
+    assert seen["with"][M.GRAD_REF_CONVERGED] == seen["without"][M.GRAD_REF_CONVERGED] == 1.0
+    assert row[M.GRAD_COS] == seen["with"][M.GRAD_COS] >= 0.999
+    assert seen["without"][M.GRAD_COS] < 0.99

@@ -95,14 +95,16 @@ def frobenius_estimate(func: Callable[[Tensor], Tensor], h_star: Tensor, samples
                        generator: torch.Generator | None = None) -> Tensor:
     """Hutchinson's estimate of ||dF/dh||_F^2 / numel(h) at ``h_star``, differentiable in
     F's parameters: mean over ``samples`` draws v ~ N(0, I) of ||v^T J||^2, divided by
-    h's number of elements. ``generator`` draws v (on the CPU, then moved), so a seeded
-    call repeats."""
+    h's number of elements. ``generator`` draws v (on the CPU, in float32, then moved and
+    cast), so a seeded call repeats, in any dtype."""
     with torch.enable_grad():
         x = h_star.detach().requires_grad_()
         y = func(x)
         total = y.new_zeros(())
         for _ in range(samples):
-            v = torch.randn(y.shape, generator=generator, dtype=y.dtype).to(y.device)
+            # drawn in float32 whatever y's dtype, so a float64 replay of the step (the
+            # diagnostics' reference) uses the step's own vectors
+            v = torch.randn(y.shape, generator=generator, dtype=torch.float32).to(y)
             (vjp,) = torch.autograd.grad(y, x, v, create_graph=True, retain_graph=True)
             total = total + vjp.pow(2).sum()
     return total / (samples * x.numel())

@@ -149,8 +149,11 @@ def set_rng_state(state: dict) -> None:
 
 def replay_grads(model, loss_fn: Callable, batch, layers: list[LayerRecord],
                  estimator: EstimatorConfig, rng: dict, device: str,
-                 solver: SolverConfig) -> tuple[dict[str, Tensor], float, list, list]:
-    """Parameter gradients of the step's loss with ``estimator`` at the recorded h*.
+                 solver: SolverConfig, penalty: Callable | None = None
+                 ) -> tuple[dict[str, Tensor], float, list, list]:
+    """Parameter gradients of the step's loss with ``estimator`` at the recorded h*; with
+    ``penalty`` (the step's weighted Jacobian penalty, a function of a layer record), of
+    the loss plus the penalty at the replayed F and h*, as the step's own gradient.
 
     Returns (grads by name, seconds from the first implicit layer to the gradients,
     the backward SolverStats, the replayed F of each layer).
@@ -160,6 +163,11 @@ def replay_grads(model, loss_fn: Callable, batch, layers: list[LayerRecord],
     with _Restore(model, rng, device):
         with replay_layers(layers, estimator, backward_stats, started) as replay:
             loss, _ = loss_fn(model, batch, solver, estimator)
+        if penalty is not None:
+            dtype = named[0][1].dtype
+            replayed = [LayerRecord(f, rec.h_star.detach().to(dtype), rec.stats)
+                        for f, rec in zip(replay.funcs, layers)]
+            loss = loss + penalty(replayed)
         grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
         done = clock(device)
     out = {n: (g if g is not None else torch.zeros_like(p)) for (n, p), g in zip(named, grads)}
@@ -167,12 +175,18 @@ def replay_grads(model, loss_fn: Callable, batch, layers: list[LayerRecord],
 
 
 def diagnose(model, loss_fn: Callable, batch, layers: list[LayerRecord], rng: dict,
-             cfg: DiagnosticsConfig, step: int) -> dict[str, float]:
+             cfg: DiagnosticsConfig, step: int, penalty: Callable | None = None
+             ) -> dict[str, float]:
     """The metrics of one diagnostics call (names from :mod:`pipeline.tracking`).
 
     ``loss_fn(model, batch, solver, estimator) -> (loss, metrics)`` is the task's loss;
     ``rng`` the RNG state taken just before the step's forward; ``layers`` that
-    forward's layer record. Reads the applied gradient from ``p.grad``.
+    forward's layer record. Reads the applied gradient from ``p.grad`` (after clipping:
+    the cosine does not change with it, the L1 norms are the clipped gradient's).
+    ``penalty``, on a step that drew the Jacobian penalty, is that term as a function of a
+    layer record (its weight and the step's probe vectors): the reference then solves for
+    the gradient of the loss plus the penalty, as the applied gradient is. The backward
+    times compare the estimators on the task's loss alone.
     """
     if not layers:
         raise ValueError("diagnostics need a layer record: the step solved no implicit layer")
@@ -185,7 +199,7 @@ def diagnose(model, loss_fn: Callable, batch, layers: list[LayerRecord], rng: di
     model64 = copy.deepcopy(model).double()
     ref, _, ref_stats, funcs64 = replay_grads(model64, loss_fn, cast_batch(batch, torch.float64),
                                               layers, cfg.reference, rng, cfg.device,
-                                              cfg.forward_solver)
+                                              cfg.forward_solver, penalty)
     mismatch = 0.0
     with torch.no_grad():
         for record, f64 in zip(layers, funcs64):

@@ -136,7 +136,11 @@ def train_step(cfg: TrainConfig, task, model, opt, sched, batch, state: dict,
         lam_s = clock(cfg.device) - a0        # a cost of training: part of the step's time
     if diagnose_now and d.is_main:  # on the unwrapped module, rank 0 alone
         d0 = time.perf_counter()
-        row.update(diagnose(model, task.loss, batch, layers, rng, diag_cfg, step))
+        # on a JR step the reference gradient includes the same penalty (weight, vectors)
+        jr_term = ((lambda recs: jr_row[M.JR_WEIGHT]
+                    * jacobian_penalty(recs, jr.samples, jr.vector_generator(step)))
+                   if jr_now else None)
+        row.update(diagnose(model, task.loss, batch, layers, rng, diag_cfg, step, jr_term))
         row[M.TIME_DIAGNOSTICS] = time.perf_counter() - d0
     if sync_later:
         distributed.average_gradients(model, d)

@@ -138,7 +138,11 @@ def read_ours(spec: dict, root: Path) -> dict:
     values, metas = [], [_meta(f) for f in files]
     for f in files:
         if "key" in spec:
-            values.append(_dig(json.loads(f.read_text()), spec["key"]))
+            try:
+                values.append(_dig(json.loads(f.read_text()), spec["key"]))
+            except KeyError:  # a run that did not measure it (e.g. test_time_eval off)
+                return {"value": None, "files": [str(f) for f in files], "source": source,
+                        "short": f"{f.name} of {f.parent.name} has no {spec['key']}"}
             continue
         frame = pd.read_csv(f, dtype={c: str for c in spec.get("where", {})})
         for col, wanted in spec.get("where", {}).items():
@@ -212,6 +216,10 @@ def evaluate(entry: dict, root: Path, scale: str) -> dict:
     read = {name: read_ours(spec, root) for name, spec in specs.items()}
     first = next(iter(read.values()))
     values = {name: r["value"] for name, r in read.items()}
+    if entry.get("quantity"):  # "<name> / <name>": a ratio of two values is ours
+        num, den = (part.strip() for part in entry["quantity"].split("/"))
+        if values[num] is not None and values[den] is not None:
+            values = {"ours": values[num] / values[den], **values}
     comparable = entry["comparable"]
     row = {"id": entry["id"], "study": entry["study"], "kind": entry["kind"],
            "claim": entry["claim"], "paper": entry.get("paper_text", entry["paper"]),

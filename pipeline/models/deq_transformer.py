@@ -13,15 +13,29 @@ The model::
     logits  adaptive softmax of h*, its weights (and all but the first projection) tied to
             the adaptive input's
 
-Segment memory, as the official code: the memory of a segment is the last ``mem_len``
-positions of [z_mem; h*] and of [u_mem; u] (the fixed points and the injections that made
-them), detached. Every linear map of F and the injection is weight-normed (g, v), dropout
-is variational (one mask per forward, shared by every position and every iteration of F,
-so F stays one fixed map for the solver; the attention-probability dropout too, one mask
-per forward, where the official code draws a new one on every F call). PostLN (the official default: LayerNorm after
-each residual sum) and PreLN (LayerNorm on each block's input; then a final LayerNorm on
-h* before the softmax, a choice: the official PreLN script's output norm is not in our
-sources) are one flag apart (``pre_ln``).
+Checked against the official ``DEQ-Sequence/models/deq_transformer.py`` and
+``lib/optimizations.py`` at locuslab/deq commit 1fb7059 (2026-12-04); the differences that
+remain are in ``pipeline/figures/reference.yaml``'s deviations. As the official code:
+
+* Segment memory: the last ``mem_len`` positions of [z_mem; h*] and of [u_mem; u] (the
+  fixed points and the injections that made them), detached.
+* Weight norm on F's linear maps only (q/k/v, the relative-position map, the attention
+  output, both FF maps); the injection is a plain linear map with a bias.
+* Layer norm without learnable parameters (``F.layer_norm`` in the official code).
+* Dropout is variational, one mask per forward shared by every iteration of F, so F stays
+  one fixed map for the solver: the attention output and the FF masks per channel (shared
+  by every position); the attention probabilities one mask (B, heads, q, k); the relative
+  position embedding one mask per channel, shared by every position and sequence
+  (``VariationalHidDropout`` on (1, d_model, klen)); the output one mask per position,
+  dropping whole token vectors (the official ``VariationalDropout`` applied to the
+  (B, C, L) layout draws (B, 1, L): a layout quirk, reproduced).
+* PostLN (the default: layer norm after each residual sum) and PreLN (``pre_ln``: layer
+  norm on the attention's input [mem; h], and the FF block's input replaced by its norm,
+  so its residual adds the normalised input; no final norm before the softmax).
+* Init (``train_transformer.py``'s ``weights_init``, init_std = proj_init_std = 0.01):
+  embeddings, projections, the injection's weight, the relative-position biases and the
+  softmax's cluster weights N(0, 0.01); the biases of the injection and of F's maps 0; the
+  weight-normed weights PyTorch's default with g = ||v||.
 
 Pretraining is the official weight-tied stack: ``EstimatorConfig("unrolled", k=2)`` runs
 F twice from h = 0 (``pretrain_layers``).
@@ -74,7 +88,9 @@ class DEQTransformerConfig:
             as the official ``tie_projs = [False] + [True] * len(cutoffs)``).
         mem_len: memory positions carried between segments; tgt_len: positions per segment.
         pretrain_layers: F applications of the weight-tied pretraining stack.
-        init_std, proj_init_std: Transformer-XL's normal init of embeddings, projections.
+        init_std, proj_init_std: the normal init of the embeddings, the injection, the
+            relative-position biases and cluster weights (init_std), and the projections
+            (proj_init_std): 0.01 each in the official scripts.
     """
 
     n_token: int = 267_735
@@ -92,7 +108,7 @@ class DEQTransformerConfig:
     mem_len: int = 300
     tgt_len: int = 150
     pretrain_layers: int = 2
-    init_std: float = 0.02
+    init_std: float = 0.01
     proj_init_std: float = 0.01
 
     def __post_init__(self) -> None:
@@ -144,6 +160,15 @@ def variational_mask(like: Tensor, width: int, p: float, training: bool) -> Opti
     return like.new_empty(like.shape[0], 1, width).bernoulli_(1.0 - p) / (1.0 - p)
 
 
+def position_dropout(pos: Tensor, p: float, training: bool) -> Tensor:
+    """Dropout of the relative-position embedding (klen, d_model): one mask per channel,
+    shared by every position and sequence (the official ``VariationalHidDropout`` on
+    (1, d_model, klen)); ``pos`` itself when not training or p = 0."""
+    if not training or p == 0.0:
+        return pos
+    return pos * (pos.new_empty(1, pos.shape[-1]).bernoulli_(1.0 - p) / (1.0 - p))
+
+
 def _drop(x: Tensor, mask: Optional[Tensor]) -> Tensor:
     return x if mask is None else x * mask
 
@@ -175,13 +200,15 @@ class Layer(nn.Module):
         d, nh, dh = cfg.d_model, cfg.n_head, cfg.d_head
         self.qkv = weight_norm(nn.Linear(d, 3 * nh * dh, bias=False))
         self.r_net = weight_norm(nn.Linear(d, nh * dh, bias=False))
-        self.r_w_bias = nn.Parameter(torch.empty(nh, dh).uniform_(-0.05, 0.05))
-        self.r_r_bias = nn.Parameter(torch.empty(nh, dh).uniform_(-0.05, 0.05))
+        self.r_w_bias = nn.Parameter(torch.empty(nh, dh).normal_(0.0, cfg.init_std))
+        self.r_r_bias = nn.Parameter(torch.empty(nh, dh).normal_(0.0, cfg.init_std))
         self.o_net = weight_norm(nn.Linear(nh * dh, d))
-        self.ln_attn = nn.LayerNorm(d)
+        self.ln_attn = nn.LayerNorm(d, elementwise_affine=False)
         self.ff1 = weight_norm(nn.Linear(d, cfg.d_inner))
         self.ff2 = weight_norm(nn.Linear(cfg.d_inner, d))
-        self.ln_ff = nn.LayerNorm(d)
+        self.ln_ff = nn.LayerNorm(d, elementwise_affine=False)
+        for linear in (self.o_net, self.ff1, self.ff2):  # the official init zeroes them
+            nn.init.zeros_(linear.bias)
         self.scale = 1.0 / math.sqrt(dh)
 
     def attention(self, h: Tensor, z_mem: Tensor, us: Tensor, pos: Tensor,
@@ -210,9 +237,11 @@ class Layer(nn.Module):
         return out + h if cfg.pre_ln else self.ln_attn(out + h)
 
     def feedforward(self, h: Tensor, masks: dict) -> Tensor:
+        # PreLN: the official block overwrites its input with its norm, so the residual
+        # adds the normalised input
         x = self.ln_ff(h) if self.cfg.pre_ln else h
         inner = _drop(torch.relu(self.ff1(x)), masks.get("ff1"))
-        out = _drop(self.ff2(inner), masks.get("ff2")) + h
+        out = _drop(self.ff2(inner), masks.get("ff2")) + x
         return out if self.cfg.pre_ln else self.ln_ff(out)
 
     def forward(self, h: Tensor, z_mem: Tensor, us: Tensor, pos: Tensor, masks: dict) -> Tensor:
@@ -255,7 +284,8 @@ class AdaptiveSoftmax(nn.Module):
         super().__init__()
         self.bounds = embedding.bounds
         n_clusters = len(cfg.cutoffs)
-        self.cluster_weight = nn.Parameter(torch.zeros(n_clusters, cfg.cluster_dims[0]))
+        self.cluster_weight = nn.Parameter(torch.empty(n_clusters, cfg.cluster_dims[0])
+                                           .normal_(0.0, cfg.init_std))
         self.cluster_bias = nn.Parameter(torch.zeros(n_clusters))
         self.biases = nn.ParameterList(nn.Parameter(torch.zeros(hi - lo))
                                        for lo, hi in zip(self.bounds, self.bounds[1:]))
@@ -320,16 +350,18 @@ class DEQTransformer(nn.Module):
         super().__init__()
         self.config = config
         self.embedding = AdaptiveInput(config)
-        self.inject = weight_norm(nn.Linear(config.d_model, 3 * config.n_head * config.d_head))
+        self.inject = nn.Linear(config.d_model, 3 * config.n_head * config.d_head)
         self.layer = Layer(config)
-        self.out_norm = nn.LayerNorm(config.d_model) if config.pre_ln else None
         self.softmax = AdaptiveSoftmax(config, self.embedding)
         self._init_weights()
 
     def _init_weights(self) -> None:
-        """Transformer-XL's init: embeddings N(0, init_std), projections N(0, proj_init_std);
-        the weight-normed linear maps keep PyTorch's default init with g = ||v||."""
+        """The official init (module docstring): embeddings and the injection N(0, init_std)
+        with a zero bias, projections N(0, proj_init_std); the weight-normed linear maps
+        keep PyTorch's default init with g = ||v||."""
         cfg = self.config
+        nn.init.normal_(self.inject.weight, 0.0, cfg.init_std)
+        nn.init.zeros_(self.inject.bias)
         for layer in self.embedding.layers:
             nn.init.normal_(layer.weight, 0.0, cfg.init_std)
         for p in [*self.embedding.projs, self.softmax.proj0,
@@ -345,7 +377,7 @@ class DEQTransformer(nn.Module):
 
     def init_memory(self, batch_size: int, device=None) -> Memory:
         """An empty memory (no positions) for a new stream."""
-        p = self.inject.parametrizations.weight.original1
+        p = self.inject.weight
         d, width = self.config.d_model, 3 * self.config.n_head * self.config.d_head
         return (p.new_zeros(batch_size, 0, d, device=device),
                 p.new_zeros(batch_size, 0, width, device=device))
@@ -370,9 +402,11 @@ class DEQTransformer(nn.Module):
             b, q = tokens.shape
             masks["attn_probs"] = (torch.rand(b, cfg.n_head, q, k, device=tokens.device)
                                    >= cfg.dropatt).to(emb.dtype) / (1.0 - cfg.dropatt)
-        if self.training and cfg.dropout:
-            pos = Fn.dropout(pos, cfg.dropout)
-        out_mask = variational_mask(emb, cfg.d_model, cfg.dropout, self.training)
+        pos = position_dropout(pos, cfg.dropout, self.training)
+        # the output mask drops whole positions (B, L, 1), as the official VariationalDropout
+        # on its (B, C, L) layout does
+        out_mask = (emb.new_empty(*tokens.shape, 1).bernoulli_(1.0 - cfg.dropout)
+                    / (1.0 - cfg.dropout)) if self.training and cfg.dropout else None
         layer = self.layer
 
         def func(h: Tensor) -> Tensor:
@@ -382,8 +416,6 @@ class DEQTransformer(nn.Module):
 
     def head(self, h: Tensor, target: Tensor, out_mask: Optional[Tensor] = None) -> Tensor:
         """Per-token NLL of ``target`` from the hidden states ``h``."""
-        if self.out_norm is not None:
-            h = self.out_norm(h)
         return self.softmax(_drop(h, out_mask), target)
 
     def next_memory(self, memory: Memory, h: Tensor, us: Tensor) -> Memory:
@@ -391,7 +423,7 @@ class DEQTransformer(nn.Module):
         m = self.config.mem_len
         z = torch.cat([memory[0], h], dim=1).detach()
         u = us.detach()
-        return (z[:, z.shape[1] - m:], u[:, u.shape[1] - m:]) if m else \
+        return (z[:, max(0, z.shape[1] - m):], u[:, max(0, u.shape[1] - m):]) if m else \
             (z[:, :0], u[:, :0])
 
     def forward(self, tokens: Tensor, target: Tensor, memory: Memory, solver: SolverConfig,
