@@ -3,15 +3,28 @@ PY ?= python3.11
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: install figures test lint report ui clean-results
+.PHONY: install figures test lint report ui clean-results lock
 
-$(STAMP): pyproject.toml
+LOCK := requirements.lock
+
+# The environment is the lock (every package pinned, with hashes); pyproject.toml keeps the
+# ranges for installing the package elsewhere. Refresh the lock after editing them:
+#   uv pip compile pyproject.toml --extra test --extra slurm --extra gpu --generate-hashes \
+#       --universal --python-version 3.11 -o requirements.lock
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -e ".[test,slurm]"
+	$(VENV)/bin/pip install --quiet --require-hashes -r $(LOCK)
+	$(VENV)/bin/pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# refresh the lock and the conda file's copy of its pins (uv from PyPI: pip install uv)
+lock:
+	uv pip compile pyproject.toml --extra test --extra slurm --extra gpu --generate-hashes \
+		--universal --python-version 3.11 -o $(LOCK)
+	$(VENV)/bin/python envs/from_lock.py
 
 figures: $(STAMP)
 	$(VENV)/bin/snakemake --cores all figures
@@ -28,6 +41,7 @@ ui: $(STAMP)
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --workers 1 --port 5000
 
 lint: $(STAMP)
+	$(VENV)/bin/snakefmt --check Snakefile workflow/rules
 	$(VENV)/bin/snakemake --lint
 
 clean-results:

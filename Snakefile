@@ -36,6 +36,7 @@ report: "workflow/report/workflow.rst"
 
 rule figures:
     """Every figure and table that exists so far."""
+    default_target: True
     input:
         rules.plot_synthetic.output,
         rules.report_ablations.output,
@@ -44,7 +45,6 @@ rule figures:
         rules.report_lm.output,
         rules.paper_vs_ours.output,
     localrule: True
-    default_target: True
 
 
 onsuccess:

@@ -5,9 +5,9 @@ and enforced in ``tests/test_layers.py``, imports inside functions included):
 
     deq/          the maths: solvers, gradient estimators (implicit, UPG, NPG), spectral
                   tools, Jacobian regularization; knows nothing of files or tracking
-    io.py, signals.py, progress.py, memory.py
+    io.py, signals.py, progress.py, memory.py, environment.py
                   small helpers: atomic writes and the params hash, SIGTERM, progress
-                  lines, tensor memory
+                  lines, tensor memory, what a run ran on
     models/       the synthetic layer, MDEQ (tiny, large, small), the DEQ-Transformer,
                   IGNN; they know nothing of training loops
     data/         dataset download, verification and export

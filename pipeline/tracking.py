@@ -8,12 +8,14 @@ a call).
 The store is created once, before parallel jobs start, by::
 
     python -m pipeline init-tracking --uri sqlite:///mlruns/mlflow.db \
-        --artifacts mlruns/artifacts --experiments synthetic ablations --scales default paper \
-        --touch mlruns/.ready
+        --artifacts mlruns/artifacts --experiments synthetic ablations --touch mlruns/.ready
 
 Each study's runs sit under one parent run per scale (``<study> (<scale>)``, tags
-``pipeline.role = parent`` and ``scale``): ``init-tracking --scales`` makes them, and a
-job finds its own (or makes it, for a study added later) when it starts. Experiments are tagged
+``pipeline.role = parent`` and ``scale``), made when the study's first job at that scale
+starts: a default run, or a dry run, never makes a paper-scale parent. A parent's status
+sums up its children: RUNNING while one of them runs, then FAILED if one failed (a
+divergence or a killed job) and FINISHED otherwise, its end time the last child's; a job
+that never ran is not in it, so a parent whose report job never ran still says what did. Experiments are tagged
 ``mlflow.experimentKind = custom_model_development``, so MLflow 3's UI opens them in
 its model-training view. Browse with ``make ui``.
 
@@ -189,10 +191,9 @@ EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 PARENT_ROLE = ("pipeline.role", "parent")
 
 
-def init_store(uri: str, artifacts: str, experiments: Sequence[str],
-               scale: str | None = None) -> dict[str, str]:
-    """Create the store (schema migrations run here, once), the experiments and, with
-    ``scale``, each experiment's parent run for that scale. Returns experiment ids."""
+def init_store(uri: str, artifacts: str, experiments: Sequence[str]) -> dict[str, str]:
+    """Create the store (schema migrations run here, once) and the experiments; the parent
+    runs come with their first child (:func:`parent_run`). Returns experiment ids."""
     if uri == "none":
         return {}
     if uri.startswith("sqlite:///"):
@@ -204,14 +205,13 @@ def init_store(uri: str, artifacts: str, experiments: Sequence[str],
         ids[name] = exp.experiment_id if exp else _retry(
             client.create_experiment, name, artifact_location=_artifact_location(artifacts, name))
         _retry(client.set_experiment_tag, ids[name], *EXPERIMENT_KIND)
-        if scale:
-            parent_run(client, ids[name], name, scale)
     return ids
 
 
 def parent_run(client, experiment_id: str, study: str, scale: str) -> str:
-    """The id of the study's parent run at ``scale``, made if missing. Two jobs that make
-    one at once both keep the earliest; the other is deleted before any child names it."""
+    """The id of the study's parent run at ``scale``, made if missing (by the study's first
+    job at that scale), and RUNNING: a child is about to start. Two jobs that make one at
+    once both keep the earliest; the other is deleted before any child names it."""
     query = (f"tags.`{PARENT_ROLE[0]}` = '{PARENT_ROLE[1]}' and tags.scale = '{scale}'")
 
     def earliest():
@@ -221,15 +221,30 @@ def parent_run(client, experiment_id: str, study: str, scale: str) -> str:
 
     found = earliest()
     if found:
+        _retry(client.update_run, found, status="RUNNING")
         return found
     tags = {"mlflow.runName": f"{study} ({scale})", PARENT_ROLE[0]: PARENT_ROLE[1],
             "scale": scale, "study": study}
     mine = _retry(client.create_run, experiment_id, tags=tags).info.run_id
-    _retry(client.set_terminated, mine, "FINISHED")
     first = earliest()
     if first != mine:
         _retry(client.delete_run, mine)
     return first
+
+
+def conclude_parent(client, parent_id: str | None) -> None:
+    """Sum up a parent's children in its status: left RUNNING while a child runs, else
+    FAILED if a child failed (or was killed), FINISHED otherwise; the end time is now, when
+    its last child ended."""
+    if not parent_id:
+        return
+    exp_id = _retry(client.get_run, parent_id).info.experiment_id
+    children = _retry(client.search_runs, [exp_id], f"tags.mlflow.parentRunId = '{parent_id}'")
+    statuses = {r.info.status for r in children}
+    if "RUNNING" in statuses:
+        return
+    _retry(client.set_terminated, parent_id,
+           "FAILED" if statuses & {"FAILED", "KILLED"} else "FINISHED")
 
 
 def job_runs(client, experiment_id: str, **search) -> list:
@@ -248,6 +263,7 @@ class NullRun:
     def log_curves(self, curves: Mapping[str, Sequence[float]], steps: Sequence[int]) -> None: ...
     def log_artifact(self, path: str | Path, subdir: str | None = None) -> None: ...
     def set_tags(self, tags: Mapping[str, str]) -> None: ...
+    def log_dataset(self, name: str, sha256: str, source: str, contexts: Sequence[str]) -> None: ...
     def fail(self, reason: str) -> None: ...
 
     def last_step(self, key: str) -> int | None:
@@ -295,6 +311,19 @@ class Run(NullRun):
         for key, value in tags.items():
             _retry(self.client.set_tag, self.run_id, key, str(value))
 
+    def log_dataset(self, name: str, sha256: str, source: str, contexts: Sequence[str]) -> None:
+        """The run's dataset as an MLflow dataset input (the runs table's Dataset column):
+        its name, digest (the first 32 hex digits of ``sha256``: MLflow's digest field holds
+        36 characters; the whole in the input's ``sha256`` tag) and source, once per
+        context (the split it serves, e.g. train and test). A resumed run logs it again:
+        MLflow keeps one input per dataset and context."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+        dataset = Dataset(name=name, digest=sha256[:32], source_type="local",
+                          source=json.dumps({"uri": source}))
+        inputs = [DatasetInput(dataset, [InputTag("mlflow.data.context", context),
+                                         InputTag("sha256", sha256)]) for context in contexts]
+        _retry(self.client.log_inputs, self.run_id, datasets=inputs)
+
     def last_step(self, key: str) -> int | None:
         history = _retry(self.client.get_metric_history, self.run_id, key)
         return max((m.step for m in history), default=None)
@@ -308,12 +337,17 @@ class Run(NullRun):
 @contextmanager
 def start_run(uri: str, experiment: str, run_name: str, tags: Mapping[str, str],
               params: Mapping, artifacts: str = "mlruns/artifacts", run_id: str | None = None,
-              batch_size: int = MAX_BATCH) -> Iterator[NullRun]:
+              batch_size: int = MAX_BATCH, system_metrics_s: float = 0.0) -> Iterator[NullRun]:
     """Open (or, with ``run_id``, resume) a run; it ends FINISHED, or FAILED on an exception.
 
     The experiment should exist (``init_store``); if not, it is created here. With a
     ``scale`` tag, a new run is a child of the study's parent run for that scale (a
-    resumed run keeps its parent).
+    resumed run keeps its parent). ``system_metrics_s`` > 0 samples the machine every that
+    many seconds into ``system/*`` metrics (MLflow's monitor: CPU and memory through
+    psutil, disk, network, and the GPU through nvidia-ml-py where it is installed and a GPU
+    is visible; the ``system_metrics`` tag says which). The monitor is a thread: a SIGTERM,
+    raised in the main thread, never cuts one of its writes; it is stopped and flushed when
+    the run ends, however it ends.
     """
     if uri == "none":
         yield NullRun()
@@ -336,6 +370,10 @@ def start_run(uri: str, experiment: str, run_name: str, tags: Mapping[str, str],
             _retry(client.delete_tag, run_id, "failure_reason")
     run = Run(client, run_id, batch_size)
     run.log_params(params)
+    monitor = _system_monitor(run, uri, system_metrics_s)
+    parent = _retry(client.get_run, run_id).data.tags.get("mlflow.parentRunId")
+    if parent:
+        _retry(client.update_run, parent, status="RUNNING")
     try:
         yield run
     except BaseException as err:
@@ -345,6 +383,26 @@ def start_run(uri: str, experiment: str, run_name: str, tags: Mapping[str, str],
     else:
         if not getattr(run, "_terminated", False):
             _retry(client.set_terminated, run_id, "FINISHED")
+    finally:
+        if monitor is not None:
+            monitor.finish()
+        conclude_parent(client, parent)
+
+
+def _system_monitor(run: "Run", uri: str, every_s: float):
+    """Start MLflow's system-metrics monitor on ``run`` (None when ``every_s`` is 0); tag
+    what it measures."""
+    if not every_s:
+        return None
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+    monitor = SystemMetricsMonitor(run.run_id, sampling_interval=every_s, tracking_uri=uri,
+                                   resume_logging=run.last_step("system/cpu_utilization_percentage")
+                                   is not None)
+    gpu = any(type(m).__name__ == "GPUMonitor" for m in monitor.monitors)
+    run.set_tags({"system_metrics": f"cpu, memory, disk, network every {every_s:g} s; GPU: "
+                  + ("on (nvidia-ml-py)" if gpu else "off (no nvidia-ml-py or no GPU)")})
+    monitor.start()
+    return monitor
 
 
 def add_run_arguments(parser) -> None:
@@ -354,28 +412,23 @@ def add_run_arguments(parser) -> None:
                         help="metric entries per log_batch call (at most 1000)")
     parser.add_argument("--artifacts", default="mlruns/artifacts")
     parser.add_argument("--tags", default="{}", help="extra MLflow tags, JSON (rule, wildcards)")
+    parser.add_argument("--system-metrics", type=float, default=0.0,
+                        help="sample CPU, memory (and GPU) every N seconds; 0 = off")
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("--uri", required=True)
     parser.add_argument("--artifacts", required=True)
     parser.add_argument("--experiments", nargs="+", required=True)
-    parser.add_argument("--scales", nargs="*", default=[],
-                        help="make each study's parent run for each of these scales")
     parser.add_argument("--touch", help="marker file written once the store is ready")
 
 
 def main(args) -> int:
     ids = init_store(args.uri, args.artifacts, args.experiments)
-    parents = {}
-    if ids:
-        client = _client(args.uri)
-        parents = {scale: {name: parent_run(client, i, name, scale) for name, i in ids.items()}
-                   for scale in args.scales}
-    print(f"MLflow store {args.uri}: experiments {ids}, parent runs {parents}")
+    print(f"MLflow store {args.uri}: experiments {ids} (parent runs come with their first job)")
     if args.touch:
         from pipeline.io import write_json
-        write_json({"uri": args.uri, "experiments": ids, "parents": parents}, args.touch)
+        write_json({"uri": args.uri, "experiments": ids}, args.touch)
     return 0
 
 
@@ -435,5 +488,9 @@ def delete_runs(uri: str, run_ids) -> None:
 
 
 def finish_parent(parent: NullRun, status: str = "FINISHED") -> None:
+    """Conclude a job's parent run (its folds or seeds), then sum up the study's parent."""
     if parent.run_id is not None:
         _retry(parent.client.set_terminated, parent.run_id, status)
+        conclude_parent(parent.client,
+                        _retry(parent.client.get_run, parent.run_id).data.tags.get(
+                            "mlflow.parentRunId"))

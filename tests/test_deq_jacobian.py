@@ -48,7 +48,9 @@ def test_one_vector_gives_exactly_its_vjp_norm_and_its_gradient():
     is the gradient of that expression."""
     W, func, h = small_problem()
     value = frobenius_estimate(func, h, 1, torch.Generator().manual_seed(3))
-    v = torch.randn(B, N, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    # drawn in float32 and cast, whatever F's dtype (a float64 replay reuses the step's)
+    v = torch.randn(B, N, generator=torch.Generator().manual_seed(3),
+                    dtype=torch.float32).double()
     full = torch.autograd.functional.jacobian(func, h.detach(), create_graph=True)
     J = torch.stack([full[b, :, b, :] for b in range(B)])  # (B, n, n), differentiable in W
     expected = torch.einsum("bi,bij->bj", v, J).pow(2).sum() / h.numel()

@@ -1,4 +1,5 @@
-"""envs/pipeline.yaml (conda, for --sdm conda) and pyproject.toml list the same dependencies."""
+"""The environment a run is made in: requirements.lock (every pin, with hashes) covers
+pyproject.toml's ranges, and envs/pipeline.yaml (conda, for --sdm conda) carries its pins."""
 from __future__ import annotations
 
 import tomllib
@@ -6,6 +7,7 @@ from pathlib import Path
 
 import yaml
 from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 from packaging.specifiers import SpecifierSet
 
 
@@ -24,18 +26,60 @@ def _project(repo_root) -> dict:
     return tomllib.loads((repo_root / "pyproject.toml").read_text())["project"]
 
 
-def test_pip_dependencies_match_pyproject(repo_root):
-    env_deps = _pip_deps(_conda_env(repo_root))
-    project_deps = [d.strip() for d in _project(repo_root)["dependencies"]]
-    assert len(env_deps) == len(set(env_deps)), "duplicate entries in envs/pipeline.yaml"
-    assert len(project_deps) == len(set(project_deps)), "duplicate entries in pyproject.toml"
-    only_env = sorted(set(env_deps) - set(project_deps))
-    only_project = sorted(set(project_deps) - set(env_deps))
-    assert not only_env and not only_project, (
-        f"only in envs/pipeline.yaml: {only_env}; only in pyproject.toml: {only_project}")
-    # and as parsed requirements (names normalised, specifiers compared as sets)
-    norm = lambda deps: {(Requirement(d).name.lower(), Requirement(d).specifier) for d in deps}
-    assert norm(env_deps) == norm(project_deps)
+def _lock(repo_root) -> dict[str, str]:
+    """{normalised name: version} of every pin in requirements.lock."""
+    import sys
+    sys.path.insert(0, str(repo_root / "envs"))
+    from from_lock import lock_pins
+    pins = [Requirement(p) for p in lock_pins(repo_root / "requirements.lock")]
+    return {canonicalize_name(r.name): str(r.specifier).removeprefix("==") for r in pins}
+
+
+def unpinned(requirements: list[str], lock: dict[str, str]) -> list[str]:
+    """The requirements that no pin of the lock satisfies (missing, or outside the range)."""
+    out = []
+    for text in requirements:
+        req = Requirement(text)
+        version = lock.get(canonicalize_name(req.name))
+        if version is None or not req.specifier.contains(version, prereleases=True):
+            out.append(f"{text} (lock: {version or 'missing'})")
+    return out
+
+
+def _requirements(project: dict) -> list[str]:
+    return [*project["dependencies"],
+            *(r for extra in project["optional-dependencies"].values() for r in extra)]
+
+
+def test_every_requirement_of_pyproject_has_a_pin_in_the_lock(repo_root):
+    """make install installs the lock; a dependency added to pyproject.toml alone (or a
+    range the lock's pin leaves) fails here: refresh the lock (Makefile: make lock)."""
+    lock = _lock(repo_root)
+    assert len(lock) > 200 and "torch" in lock and "mlflow" in lock
+    assert unpinned(_requirements(_project(repo_root)), lock) == []
+    # and the check sees an addition made to pyproject.toml alone
+    project = _project(repo_root)
+    project["dependencies"] = [*project["dependencies"], "tomato-sauce>=1"]
+    assert unpinned(_requirements(project), lock) == ["tomato-sauce>=1 (lock: missing)"]
+    project["dependencies"][-1] = "torch>=9"
+    assert unpinned(_requirements(project), lock) == [f"torch>=9 (lock: {lock['torch']})"]
+
+
+def test_every_pin_of_the_lock_has_a_hash(repo_root):
+    text = (repo_root / "requirements.lock").read_text()
+    blocks = [b for b in text.split("\n") if "==" in b and not b.startswith("#")]
+    assert blocks
+    for line in blocks:
+        following = text[text.index(line) + len(line):].split("\n", 2)[1]
+        assert "--hash=sha256:" in following, line
+
+
+def test_the_conda_environment_carries_the_lock_pins(repo_root):
+    """envs/pipeline.yaml's pip section is the lock's pins (envs/from_lock.py writes it)."""
+    import sys
+    sys.path.insert(0, str(repo_root / "envs"))
+    from from_lock import lock_pins
+    assert _pip_deps(_conda_env(repo_root)) == lock_pins(repo_root / "requirements.lock")
 
 
 def test_env_installs_the_package_from_the_workdir_wherever_the_file_is_copied(

@@ -17,14 +17,16 @@ REPO = Path(__file__).resolve().parents[1]
 
 # Bottom to top. A room is a package or a module; the longest matching prefix decides.
 LAYERS: list[tuple[str, ...]] = [
-    ("pipeline.deq", "pipeline.io", "pipeline.signals", "pipeline.progress", "pipeline.memory"),
+    ("pipeline.deq", "pipeline.io", "pipeline.signals", "pipeline.progress", "pipeline.memory",
+     "pipeline.environment"),
     ("pipeline.models", "pipeline.data", "pipeline.tracking"),
     ("pipeline.experiments", "pipeline.figures"),
     ("pipeline.config", "pipeline.cli", "pipeline", "benchmarks"),
     ("pipeline.__main__",),  # python -m pipeline: the CLI's entry point
 ]
 # The small helpers of the bottom layer may use each other (the deq maths uses none).
-SHARED_BOTTOM = {"pipeline.io", "pipeline.signals", "pipeline.progress", "pipeline.memory"}
+SHARED_BOTTOM = {"pipeline.io", "pipeline.signals", "pipeline.progress", "pipeline.memory",
+                 "pipeline.environment"}
 
 
 def modules() -> dict[str, Path]:

@@ -72,7 +72,9 @@ def test_runs_list_and_compare_view(workflow, server):
     text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", listing))
     assert "ablations (default)" in text, "the parent run heads the runs list"
     shown = re.search(r"(\d+) matching runs", text)
-    assert shown and int(shown.group(1)) == len(runs) + 2, text[-1500:]  # + both parents
+    assert shown and int(shown.group(1)) == len(runs) + 1, text[-1500:]  # + the default parent
+    assert "ablations (paper)" not in text, "a default run makes no paper-scale parent"
+    assert "digits" in text, "the runs table's Dataset column names the dataset"
 
     pair = [runs["upg_sgd"], runs["npg_sgd"]]
     url = (f"{server}/#/compare-runs?runs={json.dumps(pair, separators=(',', ':'))}"

@@ -264,28 +264,37 @@ def test_init_tracking_cli(store):
 
 
 def test_runs_sit_under_one_parent_per_study_and_scale(tmp_path, store_uri):
-    """init-tracking makes the parent of the current scale; a job after a scale switch
-    finds-or-makes its own; a resumed run keeps its parent; experiments open in MLflow 3's
-    model-training view."""
+    """The store makes no parent; a study's first job at a scale makes that scale's parent,
+    a later one finds it; a resumed run keeps its parent; a parent's status sums up its
+    children (RUNNING while one runs, FAILED if one failed, else FINISHED); experiments open
+    in MLflow 3's model-training view."""
     from pipeline.tracking import PARENT_ROLE, job_runs
     uri, artifacts = store_uri, str(tmp_path / "artifacts")
-    exp_id = init_store(uri, artifacts, ["study"], scale="default")["study"]
-    init_store(uri, artifacts, ["study"], scale="default")  # idempotent
+    exp_id = init_store(uri, artifacts, ["study"])["study"]
+    init_store(uri, artifacts, ["study"])  # idempotent
+    client = _client(uri)
+
+    def parents():
+        return {r.data.tags["scale"]: r for r in client.search_runs([exp_id])
+                if r.data.tags.get(PARENT_ROLE[0]) == PARENT_ROLE[1]}
+
+    assert parents() == {}, "no parent before a job of that scale"
     with start_run(uri, "study", "a", {"scale": "default"}, {}, artifacts) as a:
-        pass
-    with start_run(uri, "study", "b", {"scale": "paper"}, {}, artifacts) as b:
-        pass
+        assert parents()["default"].info.status == "RUNNING"
+    assert set(parents()) == {"default"} and parents()["default"].info.status == "FINISHED"
+    with pytest.raises(RuntimeError):
+        with start_run(uri, "study", "b", {"scale": "paper"}, {}, artifacts) as b:
+            raise RuntimeError("diverged")
     with start_run(uri, "study", "a", {"scale": "default"}, {}, artifacts, run_id=a.run_id):
         pass
-    client = _client(uri)
-    everything = client.search_runs([exp_id])
-    parents = {r.data.tags["scale"]: r for r in everything
-               if r.data.tags.get(PARENT_ROLE[0]) == PARENT_ROLE[1]}
-    assert {s: p.info.run_name for s, p in parents.items()} == {
+    found = parents()
+    assert {s: p.info.run_name for s, p in found.items()} == {
         "default": "study (default)", "paper": "study (paper)"}
+    assert found["paper"].info.status == "FAILED" and found["paper"].info.end_time
+    assert found["default"].info.status == "FINISHED"
     children = {r.info.run_name: r for r in job_runs(client, exp_id)}
     assert sorted(children) == ["a", "b"]
     for name, scale in (("a", "default"), ("b", "paper")):
-        assert children[name].data.tags["mlflow.parentRunId"] == parents[scale].info.run_id
+        assert children[name].data.tags["mlflow.parentRunId"] == found[scale].info.run_id
     assert client.get_experiment(exp_id).tags["mlflow.experimentKind"] == \
         "custom_model_development"

@@ -91,18 +91,50 @@ def test_one_mlflow_run_per_job_with_curves(workflow):
         ids = {r.info.run_id for r in runs}
         parents = [r for r in client.search_runs([exp.experiment_id]) if r.info.run_id not in ids]
         names = {p.info.run_name: p.info.run_id for p in parents}
-        assert sorted(names) == [f"{study} (default)", f"{study} (paper)"]
+        # a default run makes no paper-scale parent; the default parent sums up its children
+        assert sorted(names) == [f"{study} (default)"]
         assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {names[f"{study} (default)"]}
+        assert parents[0].info.status == ("FAILED" if study == "ablations" else "FINISHED")
         assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
         for run in runs:
             failing = run.info.run_name in DIVERGENT
             assert run.info.status == ("FAILED" if failing else "FINISHED"), run.info.run_name
             assert {"git_commit", "params_hash", "study", "rule", "wildcards", "scale"} <= set(run.data.tags)
+            assert {"env.python", "env.torch", "env.gpu", "env.deterministic",
+                    "env.lock_sha256", "env.cudnn_allow_tf32"} <= set(run.data.tags), run.data.tags
     run = job_runs(client, client.get_experiment_by_name("synthetic").experiment_id)[0]
     assert len(client.get_metric_history(run.info.run_id, "grad/cos_sim/upg_lam0.5")) == \
         len(tiny["synthetic"]["grid"]["k"])
     assert len(client.get_metric_history(run.info.run_id, "grad/cos_sim/broyden")) == \
         tiny["synthetic"]["dynamics"]["max_iter"] + 1
+
+
+def test_runs_record_their_dataset_and_environment(workflow, repo_root):
+    """An ablation run's dataset is an MLflow input (name, digest: the sha256 of the digits
+    files it trained on; context train and test); the synthetic run's, the digest of its
+    generator settings; metrics.json holds the environment with the lock's hash."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.data import dataset_digest
+    from pipeline.environment import lock_sha256
+    client = MlflowClient(f"sqlite:///{workflow}/mlruns/mlflow.db")
+    metrics = json.loads((workflow / "results/ablations/upg_sgd/metrics.json").read_text())
+    run = client.get_run(metrics["mlflow_run_id"])
+    inputs = run.inputs.dataset_inputs
+    sha = dataset_digest(workflow / "data/digits")
+    assert {i.dataset.name for i in inputs} == {"digits"}
+    assert {i.dataset.digest for i in inputs} == {sha[:32]}
+    contexts = {t.value for i in inputs for t in i.tags if t.key == "mlflow.data.context"}
+    assert contexts == {"train", "test"}
+    env = metrics["environment"]
+    assert env["lock_sha256"] == lock_sha256() == run.data.tags["env.lock_sha256"]
+    assert env["lock_sha256"] is not None and env["deterministic"] is True
+    assert env["gpu"] == "cpu" and env["host_cores"] >= 1 and env["torch_threads"] >= 1
+    assert "environment" not in json.dumps(metrics["params_hash"])
+    syn = json.loads((workflow / "results/synthetic/Lh=0.9/summary.json").read_text())
+    syn_inputs = client.get_run(syn["mlflow_run_id"]).inputs.dataset_inputs
+    assert {i.dataset.digest for i in syn_inputs} == {syn["dataset_sha256"][:32]}
+    assert syn["environment"]["torch"]
 
 
 def test_a_divergent_ablation_is_failed_everywhere_and_named_at_the_end(workflow):
@@ -237,11 +269,16 @@ def test_paper_scale_dry_run_lists_every_ablation(workflow, venv_bin):
     # method x protocol (graphs), per dataset x method (PPI, both protocols from one run)
     assert jobs["download_tu"] == 2 and jobs["download_ppi"] == 1
     assert jobs["train_graph"] == 2 * 2 * 2 and jobs["train_node"] == 2
-    # DEQ-Transformer: WikiText-103, every run on 4 GPUs
-    assert jobs["download_wikitext103"] == 1 and jobs["train_lm"] == len(params["lm"]["runs"])
+    # DEQ-Transformer: WikiText-103, every run on 4 GPUs; the paper scale's runs (with the
+    # official no-JR script's own postln_implicit_official) and the DEQ protocol's baseline
+    paper_lm = params["scales"]["paper"]["lm.runs"]
+    assert {"postln_implicit", "postln_implicit_official"} <= set(paper_lm)
+    assert paper_lm["postln_implicit"]["f_max_iter"] == 30
+    assert jobs["download_wikitext103"] == 1 and jobs["train_lm"] == len(paper_lm)
     lm_jobs = re.findall(r"rule train_lm:.*?resources: ([^\n]*)", proc.stdout + proc.stderr,
                          flags=re.S)
-    assert len(lm_jobs) == len(params["lm"]["runs"]) and all("gpu=4" in r for r in lm_jobs)
+    assert len(lm_jobs) == len(paper_lm) and all("gpu=4" in r for r in lm_jobs)
+    assert "wildcards: run=postln_implicit\n" in proc.stdout + proc.stderr
     graph = subprocess.run([str(venv_bin / "snakemake"), "-n", "graph", "--config", "scale=paper"],
                            cwd=workflow, capture_output=True, text=True)
     assert graph.returncode == 0, graph.stderr[-3000:]

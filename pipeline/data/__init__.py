@@ -16,6 +16,6 @@ as the offline language-modelling default).
 The command line is ``python -m pipeline data {digits,cifar10,imagenet} ...``.
 """
 from .download import DataError, extract_archive, fetch
-from .layout import load_meta, load_split
+from .layout import dataset_digest, load_meta, load_split
 
-__all__ = ["DataError", "extract_archive", "fetch", "load_meta", "load_split"]
+__all__ = ["DataError", "dataset_digest", "extract_archive", "fetch", "load_meta", "load_split"]

@@ -129,3 +129,22 @@ def load_split(data_dir: str | Path, split: str, *, verify: bool = False):
     with np.load(path, allow_pickle=False) as npz:
         images, labels = npz["images"], npz["labels"]
     return torch.from_numpy(images), torch.from_numpy(labels)
+
+
+def dataset_digest(data_dir: str | Path) -> str:
+    """sha256 of the bytes a run trains on, for its record (an MLflow dataset input): of the
+    manifest alone where there is one (an ImageFolder tree: it lists every file with its
+    size, and its sha256 with checksums), else of every file under ``data_dir``, with its
+    relative path, in sorted order."""
+    import hashlib
+    data_dir = Path(data_dir)
+    manifest = data_dir / "manifest.json"
+    files = [manifest] if manifest.is_file() else \
+        sorted(p for p in data_dir.rglob("*") if p.is_file() and ".partial-" not in p.name)
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.relative_to(data_dir).as_posix().encode() + b"\0")
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()

@@ -8,7 +8,8 @@ uninterrupted one, on the CPU and on CUDA. Off: PyTorch's defaults, faster on a 
 H200, 2026-12-04, MDEQ large at batch 128: +17% step time for implicit differentiation
 and +49% for UPG A_{5,0.5} with it on), and a resume equal only to float tolerance.
 
-Either way the run records (:func:`settings`) the switch and the TF32 settings: cuDNN's
+Either way the run records (:func:`pipeline.environment.numerics`) the switch and the TF32
+settings: cuDNN's
 TF32 for convolutions is on by PyTorch's default, an error near 1e-3, the size of a
 typical forward tolerance.
 """
@@ -18,24 +19,15 @@ import os
 
 import torch
 
+from pipeline.environment import numerics
+
 CUBLAS_WORKSPACE = ":4096:8"
 
 
 def configure(deterministic: bool) -> dict:
-    """Apply the switch (see the module docstring); return :func:`settings`."""
+    """Apply the switch (see the module docstring); return the numerics settings."""
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
         torch.backends.cudnn.benchmark = False
     torch.use_deterministic_algorithms(deterministic, warn_only=True)
-    return settings()
-
-
-def settings() -> dict:
-    """The numerics settings in force: deterministic algorithms, cuDNN's autotuner and TF32,
-    the matmul TF32 and precision, and CUBLAS_WORKSPACE_CONFIG (None where unset)."""
-    return {"deterministic": torch.are_deterministic_algorithms_enabled(),
-            "cudnn_benchmark": torch.backends.cudnn.benchmark,
-            "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
-            "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
-            "float32_matmul_precision": torch.get_float32_matmul_precision(),
-            "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG")}
+    return numerics()

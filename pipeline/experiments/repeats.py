@@ -64,10 +64,12 @@ def summarize(values: list[float | None]) -> dict:
 
 def run_units(cfg: TrainConfig, params: dict, *, study: str, name: str, data_dir: str,
               tracking_uri: str, artifacts: str, scale: str, tags: dict, checkpoints: Path,
-              batch_size: int, log=print) -> tuple[dict, list[dict], Path]:
+              batch_size: int, log=print, system_metrics_s: float = 0.0
+              ) -> tuple[dict, list[dict], Path]:
     """Train every unit of the run; return (the job's summary, each unit's results with
     its curves and history, the resume folder)."""
-    from pipeline import tracking
+    from pipeline import environment, tracking
+    from pipeline.data import dataset_digest
     from pipeline.io import params_hash
 
     task_cls = get_task(cfg.task)
@@ -75,9 +77,12 @@ def run_units(cfg: TrainConfig, params: dict, *, study: str, name: str, data_dir
         else [("run", {}, cfg.seed)]
     phash = params_hash(params)
     folder = checkpoints / study / name / phash
+    env = environment.record(cfg.device)
+    digest = dataset_digest(data_dir)
     parent_tags = {"study": study, "run": name, "task": cfg.task, "scale": scale,
                    "dataset": cfg.data.get("dataset", ""), "estimator": cfg.estimator,
-                   "protocol": cfg.data.get("protocol", ""), "params_hash": phash, **tags}
+                   "protocol": cfg.data.get("protocol", ""), "params_hash": phash,
+                   **environment.tags(env), **tags}
     job_params = {"run": dataclasses.asdict(cfg), "study": study, "name": name, "scale": scale}
     parent = tracking.job_parent_run(tracking_uri, study, name, parent_tags, job_params,
                                      artifacts, batch_size)
@@ -109,7 +114,10 @@ def run_units(cfg: TrainConfig, params: dict, *, study: str, name: str, data_dir
                                     {"run": dataclasses.asdict(unit_cfg), "study": study,
                                      "name": name, "unit": label, "scale": scale},
                                     artifacts, run_id=resume.get("run_id") if resume else None,
-                                    batch_size=batch_size) as tracker:
+                                    batch_size=batch_size,
+                                    system_metrics_s=system_metrics_s) as tracker:
+                tracker.log_dataset(task.dataset, digest, str(data_dir),
+                                    ["train", task.eval_split])
                 result = train(unit_cfg, task, tracker, checkpoint,
                                log=lambda msg, label=label: log(f"[{label}] {msg}"),
                                resume=resume, weights=folder / f"{label}.pt")
@@ -126,6 +134,7 @@ def run_units(cfg: TrainConfig, params: dict, *, study: str, name: str, data_dir
         raise
     summary = _summary(cfg, results, study=study, name=name, scale=scale, phash=phash,
                        parent_id=parent.run_id)
+    summary["environment"] = {**env, **results[-1].get("numerics", {})}
     parent.log_metrics({tracking.protocol_metric(key, stat): value
                         for key in ("official", "clean")
                         for stat, value in summary[key].items() if value is not None})
@@ -190,7 +199,8 @@ def main(args) -> int:
             cfg, params, study=args.study, name=args.name, data_dir=args.data,
             tracking_uri=args.tracking_uri, artifacts=args.artifacts, scale=args.scale,
             tags=json.loads(args.tags), checkpoints=checkpoints,
-            batch_size=args.tracking_batch_size, log=lambda msg: print(msg, flush=True))
+            batch_size=args.tracking_batch_size, log=lambda msg: print(msg, flush=True),
+            system_metrics_s=args.system_metrics)
         out = Path(args.out)
         curves = [pd.DataFrame(r["curves"]).assign(unit=r["unit"]) for r in results]
         history = [pd.DataFrame(r["history"]).assign(unit=r["unit"]) for r in results]

@@ -608,8 +608,18 @@ def checkpoint_folder(root: str | Path, Lh: float, params: dict) -> Path:
     return Path(root) / "synthetic" / f"Lh={Lh!r}" / params_hash({"Lh": Lh, "synthetic": params})
 
 
+def generator_digest(cfg: SyntheticConfig) -> str:
+    """sha256 of the settings that generate the study's data (W and the (u, y) pairs): the
+    synthetic study's dataset digest. Two runs with the same digest saw the same numbers."""
+    import hashlib
+    keys = ("Lh", "rows", "dim", "pairs", "u_scale", "weight", "seed", "dtype",
+            "dynamics_pairs", "dynamics_seeds")
+    blob = json.dumps({k: getattr(cfg, k) for k in keys}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
 def main(args) -> int:
-    from pipeline import tracking
+    from pipeline import environment, tracking
     from pipeline.io import params_hash, read_json, write_csv, write_json
 
     if args.threads:
@@ -624,8 +634,10 @@ def main(args) -> int:
     ckdir.mkdir(parents=True, exist_ok=True)
     run_file = ckdir / "run.json"
     run_id = read_json(run_file).get("run_id") if run_file.exists() else None
+    env = environment.record(cfg.device)
     tags = {"study": "synthetic", "scale": args.scale, "Lh": args.Lh,
-            "params_hash": params_hash(params), **json.loads(args.tags)}
+            "params_hash": params_hash(params), **environment.tags(env),
+            **json.loads(args.tags)}
     out = Path(args.out)
     print(f"synthetic L_h={cfg.Lh}: {cfg.pairs} pairs in {len(chunks(cfg))} chunks of "
           f"{cfg.chunk}, {len(cfg.ks)} k x {len(cfg.lams)} lambda, {cfg.dtype} on {cfg.device}; "
@@ -634,13 +646,18 @@ def main(args) -> int:
     with tracking.start_run(args.tracking_uri, "synthetic", f"Lh={args.Lh}", tags,
                             {"synthetic": params, "Lh": args.Lh, "scale": args.scale},
                             args.artifacts, run_id=run_id,
-                            batch_size=args.tracking_batch_size) as tracker:
+                            batch_size=args.tracking_batch_size,
+                            system_metrics_s=args.system_metrics) as tracker:
         if tracker.run_id is not None and run_id is None:
             write_json({"run_id": tracker.run_id}, run_file)
+        tracker.log_dataset(f"synthetic L_h={cfg.Lh:g}", generator_digest(cfg),
+                            "generated: pipeline.experiments.synthetic (make_pairs, weight)",
+                            ["grid", "dynamics"])
         result = run_and_log(cfg, tracker, ckdir, log=lambda msg: print(msg, flush=True))
         result["summary"].update(scale=args.scale, dataset="synthetic",
                                  mlflow_run_id=tracker.run_id, git_commit=tracking.git_commit(),
-                                 tracking_s=tracking.store_seconds())
+                                 tracking_s=tracking.store_seconds(), environment=env,
+                                 dataset_sha256=generator_digest(cfg))
         write_csv(result["grid"], out / "grid.csv")
         write_csv(result["dynamics"], out / "dynamics.csv")
         write_csv(result["pairs"], out / "pairs.csv")

@@ -4,8 +4,10 @@
         --data data/digits --out results/ablations/upg_sgd --checkpoints checkpoints
 
 The MLflow experiment is the study, the run is named by ``--name``. The job builds the
-task, starts (or, after a kill, resumes) the MLflow run, calls :func:`.train.train`, and
-writes ``metrics.json`` and ``curves.csv`` to ``--out``; a concluded run removes its
+task, starts (or, after a kill, resumes) the MLflow run with the environment's tags
+(:mod:`pipeline.environment`) and the dataset as an input (name, sha256 of its files), calls
+:func:`.train.train`, and writes ``metrics.json`` (with ``environment``) and ``curves.csv``
+to ``--out``; a concluded run removes its
 checkpoint. Under ``torchrun`` rank 0 alone talks to MLflow and writes results.
 """
 from __future__ import annotations
@@ -18,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline import tracking
+from pipeline import environment, tracking
+from pipeline.data import dataset_digest
 from pipeline.experiments import determinism, distributed
 from pipeline.experiments.checkpoint import load_checkpoint
 from pipeline.experiments.tasks import get_task
@@ -72,27 +75,32 @@ def main(args) -> int:
     run_id = resume.get("run_id") if resume else None
     task = get_task(cfg.task)(cfg.model, cfg.data, args.data, cfg.device, cfg.batch_size,
                               cfg.eval_batch_size, cfg.seed)
+    env = environment.record(cfg.device)
     tags = {"study": args.study, "run": args.name, "task": cfg.task, "scale": args.scale,
             "dataset": task.dataset, "params_hash": phash, "world_size": d.world_size,
-            **json.loads(args.tags)}
+            **environment.tags(env), **json.loads(args.tags)}
     # Rank 0 alone talks to MLflow and writes results; the others train beside it.
     run = (tracking.start_run(args.tracking_uri, args.study, args.name, tags,
                               {"run": dataclasses.asdict(cfg), "study": args.study,
                                "name": args.name, "scale": args.scale,
                                "world_size": d.world_size},
                               args.artifacts, run_id=run_id,
-                              batch_size=args.tracking_batch_size)
+                              batch_size=args.tracking_batch_size,
+                              system_metrics_s=args.system_metrics)
            if d.is_main else nullcontext(tracking.NullRun()))
     try:
         with run as tracker:
             out = Path(args.out)
+            tracker.log_dataset(task.dataset, dataset_digest(args.data), str(args.data),
+                                ["train", task.eval_split])
             results = train(cfg, task, tracker, checkpoint,
                             log=(lambda msg: print(msg, flush=True)) if d.is_main
                             else (lambda msg: None), resume=resume,
                             weights=out / "model.pt", rank=d.rank, world_size=d.world_size)
             results.update(study=args.study, name=args.name, scale=args.scale,
                            params_hash=phash, mlflow_run_id=tracker.run_id,
-                           world_size=d.world_size, tracking_s=tracking.store_seconds())
+                           world_size=d.world_size, tracking_s=tracking.store_seconds(),
+                           environment={**env, **results["numerics"]})
             if d.is_main:
                 write_csv(pd.DataFrame(results.pop("curves")), out / "curves.csv")
                 write_json(results, out / "metrics.json")

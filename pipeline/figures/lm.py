@@ -5,7 +5,7 @@
   (at the best validation evaluation), the final training loss, the mean training step
   time, and the time ratios against ``implicit`` + JR of the same LN variant and against
   the DEQ protocol's ``implicit`` without JR at 30 / 35 (PostLN; the reference of the
-  appendix's 2.2x / 1.7x): the reference's mean step time over this run's, "reference
+  appendix's accelerations): the reference's mean step time over this run's, "reference
   failed" unless that reference finished, beside the
   paper's numbers where reference.yaml has them (UPG + JR 0.1 at f_thres 14 and 20;
   implicit + JR from the JR paper). Then one status row per claim of the appendix:
@@ -33,7 +33,7 @@ from pipeline.io import atomic_path, write_json
 
 REFERENCE = {"postln": "postln_implicit_jr", "preln": "preln_implicit_jr"}
 # the DEQ protocol's baseline (implicit without JR, 30 / 35; PostLN only: the JR paper's
-# PreLN without JR diverges): the reference of the appendix's 2.2x / 1.7x (reference.yaml)
+# PreLN without JR diverges): the reference of the appendix's accelerations (reference.yaml)
 DEQ_BASELINE = {"postln": "postln_implicit"}
 SIMILAR = 0.05       # "similar": within 5% (perplexity, training loss)
 LAST_STEPS = 10      # the final training loss: mean over the last 10 steps

@@ -5,18 +5,33 @@ import sys
 
 from snakemake.settings.types import DeploymentMethod
 
-from pipeline.config import LH_PATTERN, TRAIN_STUDIES, ParamsError, lh_wildcard, load, study_run
+from pipeline.config import (
+    LH_PATTERN,
+    TRAIN_STUDIES,
+    ParamsError,
+    lh_wildcard,
+    load,
+    study_run,
+)
 
 try:
-    PARAMS = load(config)  # params.yaml + --config overrides, scale applied, schema-validated
+    PARAMS = load(
+        config
+    )  # params.yaml + --config overrides, scale applied, schema-validated
 except ParamsError as err:
-    sys.exit(f"{err}\nNo job was started. Fix params.yaml (schema: pipeline/schema/params.schema.json).")
+    sys.exit(
+        f"{err}\nNo job was started. Fix params.yaml (schema: pipeline/schema/params.schema.json)."
+    )
 
 # Rules call `python -m pipeline ...`. Under --sdm conda the rule's environment provides
 # `python`; otherwise it must be the interpreter running Snakemake (the project's .venv),
 # whether or not that environment was activated.
 if DeploymentMethod.CONDA not in workflow.deployment_settings.deployment_method:
-    os.environ.update(PATH=os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]))
+    os.environ.update(
+        PATH=os.pathsep.join(
+            [os.path.dirname(sys.executable), os.environ.get("PATH", "")]
+        )
+    )
 SCALE = PARAMS["scale"]
 TRACKING = PARAMS["tracking"]
 TRACKING_READY = "mlruns/.ready" if TRACKING["uri"] != "none" else []
@@ -32,8 +47,11 @@ def as_json(obj):
 
 
 def tracking_args():
-    return (f"--tracking-uri {TRACKING['uri']} --artifacts {TRACKING['artifacts']}"
-            f" --tracking-batch-size {TRACKING['batch_size']}")
+    return (
+        f"--tracking-uri {TRACKING['uri']} --artifacts {TRACKING['artifacts']}"
+        f" --tracking-batch-size {TRACKING['batch_size']}"
+        f" --system-metrics {TRACKING['system_metrics_s']}"
+    )
 
 
 TU_NAMES = {"cox2": "COX2", "proteins": "PROTEINS"}
@@ -52,8 +70,10 @@ def tu_param(wildcards, key):
 def download_limits():
     """params.yaml's data.download as the flags of `python -m pipeline data ...`."""
     d = PARAMS["data"]["download"]
-    return (f"--timeout {d['timeout_s']} --deadline {d['deadline_s']}"
-            f" --min-rate {d['min_rate_bytes_per_s']} --rate-window {d['rate_window_s']}")
+    return (
+        f"--timeout {d['timeout_s']} --deadline {d['deadline_s']}"
+        f" --min-rate {d['min_rate_bytes_per_s']} --rate-window {d['rate_window_s']}"
+    )
 
 
 # {"<rule>/<benchmark file stem>": threads} of the jobs whose rule sets threads per job
@@ -64,17 +84,31 @@ JOB_THREADS = {}
 def rule_threads():
     """{rule: threads} of the rules with a fixed thread count, plus JOB_THREADS (the
     run-time table)."""
-    threads = {r.name: r.resources["_cores"] for r in workflow.rules
-               if isinstance(r.resources.get("_cores"), int)}
+    threads = {
+        r.name: r.resources["_cores"]
+        for r in workflow.rules
+        if isinstance(r.resources.get("_cores"), int)
+    }
     return {**threads, **JOB_THREADS}
 
 
 def job_tags(rule, **wildcards):
-    return as_json({"rule": rule, "wildcards": ",".join(f"{k}={v}" for k, v in wildcards.items())})
+    return as_json(
+        {"rule": rule, "wildcards": ",".join(f"{k}={v}" for k, v in wildcards.items())}
+    )
 
 
-GRAPH_DATASETS = ("mutag", "chains", "cox2", "proteins", "ppi")  # pipeline/data/graphs.py layout
-IMAGEFOLDER_DATASETS = ("digits_imagefolder", "imagenet")  # a manifest of an ImageFolder tree
+GRAPH_DATASETS = (
+    "mutag",
+    "chains",
+    "cox2",
+    "proteins",
+    "ppi",
+)  # pipeline/data/graphs.py layout
+IMAGEFOLDER_DATASETS = (
+    "digits_imagefolder",
+    "imagenet",
+)  # a manifest of an ImageFolder tree
 LM_DATASETS = ("wiki_excerpt", "wikitext103")  # pipeline/data/wikitext.py layout
 
 
@@ -117,8 +151,10 @@ def run_data_dir(run):
 
 
 def train_inputs(study):
-    return lambda wc: {"data": dataset_files(run_config(study, wc.run)["data"]["dataset"]),
-                       "tracking": ancient(TRACKING_READY)}
+    return lambda wc: {
+        "data": dataset_files(run_config(study, wc.run)["data"]["dataset"]),
+        "tracking": ancient(TRACKING_READY),
+    }
 
 
 def train_params(study, rule):
@@ -141,12 +177,17 @@ def run_gpus(run):
 def job_resources(study, gpu=None):
     """A study job's `resources:` for a cluster executor (profiles/slurm), from params.yaml's
     cluster.<study> at the chosen scale. gpu: from the run's device (run_gpus), or given. The
-    SLURM plugin asks for cpus_per_gpu x GPUs on a GPU job and for `threads` on a CPU job."""
+    SLURM plugin asks for cpus_per_gpu x GPUs on a GPU job and for `threads` on a CPU job.
+    """
     c = PARAMS["cluster"][study]
     if gpu is None:
         gpu = lambda wc: run_gpus(run_config(study, wc.run))
-    return {"gpu": gpu, "cpus_per_gpu": c["cpus_per_gpu"], "mem_mb": c["mem_mb"],
-            "runtime": c["runtime_min"]}
+    return {
+        "gpu": gpu,
+        "cpus_per_gpu": c["cpus_per_gpu"],
+        "mem_mb": c["mem_mb"],
+        "runtime": c["runtime_min"],
+    }
 
 
 def train_nproc(study):
@@ -159,13 +200,17 @@ def train_launcher(study):
     to each rank's share, max(1, threads // ranks) (Snakemake sets them to the job's
     threads, and every rank would inherit that). `--threads` gets the job's threads, which
     the entry point divides by the ranks."""
+
     def launcher(wildcards, threads):
         nproc = run_config(study, wildcards.run).get("nproc_per_node", 1)
         if nproc == 1:
             return "python -m pipeline train"
         per_rank = max(1, threads // nproc)
-        return (f"OMP_NUM_THREADS={per_rank} MKL_NUM_THREADS={per_rank} torchrun --standalone"
-                f" --nproc_per_node={nproc} -m pipeline train")
+        return (
+            f"OMP_NUM_THREADS={per_rank} MKL_NUM_THREADS={per_rank} torchrun --standalone"
+            f" --nproc_per_node={nproc} -m pipeline train"
+        )
+
     return launcher
 
 
@@ -184,7 +229,8 @@ REPEATS_SHELL = " ".join(["python -m pipeline train-repeats", TRAIN_ARGS])
 
 def report_failed_runs():
     """Name the runs whose results say "failed" (a divergence): their job exited 0, and its
-    own output went to its log, so this is where a user sees them. For onsuccess/onerror."""
+    own output went to its log, so this is where a user sees them. For onsuccess/onerror.
+    """
     failed = []
     for study in TRAIN_STUDIES:
         for name in run_names(study):
@@ -193,13 +239,23 @@ def report_failed_runs():
                 try:
                     with open(path) as handle:
                         metrics = json.load(handle)
-                except (OSError, ValueError) as err:  # not ours: results are written atomically
+                except (
+                    OSError,
+                    ValueError,
+                ) as err:  # not ours: results are written atomically
                     failed.append(f"  {study}/{name}: unreadable {path}: {err}")
                     continue
                 if metrics.get("status") == "failed":
                     failed.append(f"  {study}/{name}: {metrics.get('reason', '')}")
-                for unit in metrics.get("failed", []) if metrics.get("status") != "failed" else []:
+                for unit in (
+                    metrics.get("failed", [])
+                    if metrics.get("status") != "failed"
+                    else []
+                ):
                     failed.append(f"  {study}/{name}/{unit['unit']}: {unit['reason']}")
     if failed:
-        print(f"{len(failed)} run(s) FAILED (diverged; recorded, not a crash: see the tables"
-              " and MLflow):\n" + "\n".join(failed), file=sys.stderr)
+        print(
+            f"{len(failed)} run(s) FAILED (diverged; recorded, not a crash: see the tables"
+            " and MLflow):\n" + "\n".join(failed),
+            file=sys.stderr,
+        )

@@ -15,19 +15,19 @@ rule train_graph:
         curves="results/graph/{run}/curves.csv",
         history="results/graph/{run}/history.csv",
         weights=directory("results/graph/{run}/weights"),
-    params:
-        **train_params("graph", "train_graph"),
     log:
         "logs/train_graph/{run}.log",
     benchmark:
         "benchmarks/rules/train_graph/{run}.tsv"
     wildcard_constraints:
         run="|".join(GRAPH_RUNS),
+    conda:
+        "../../envs/pipeline.yaml"
     threads: 1
     resources:
         **job_resources("graph"),
-    conda:
-        "../../envs/pipeline.yaml"
+    params:
+        **train_params("graph", "train_graph"),
     shell:
         REPEATS_SHELL
 
@@ -40,19 +40,19 @@ rule train_node:
         curves="results/node/{run}/curves.csv",
         history="results/node/{run}/history.csv",
         weights=directory("results/node/{run}/weights"),
-    params:
-        **train_params("node", "train_node"),
     log:
         "logs/train_node/{run}.log",
     benchmark:
         "benchmarks/rules/train_node/{run}.tsv"
     wildcard_constraints:
         run="|".join(NODE_RUNS),
+    conda:
+        "../../envs/pipeline.yaml"
     threads: 1
     resources:
         **job_resources("node"),
-    conda:
-        "../../envs/pipeline.yaml"
+    params:
+        **train_params("node", "train_node"),
     shell:
         REPEATS_SHELL
 
@@ -63,27 +63,40 @@ rule report_graph:
         node=expand("results/node/{run}/{f}", run=NODE_RUNS, f=GRAPH_OUTPUTS),
     output:
         table_csv="figures/graph/graph_table.csv",
-        table=report("figures/graph/graph_table.md", caption="../report/graph_table.rst",
-                     category="graph"),
-        folds=report("figures/graph/graph_folds.png", caption="../report/graph_folds.rst",
-                     category="graph"),
+        table=report(
+            "figures/graph/graph_table.md",
+            caption="../report/graph_table.rst",
+            category="graph",
+        ),
+        folds=report(
+            "figures/graph/graph_folds.png",
+            caption="../report/graph_folds.rst",
+            category="graph",
+        ),
         folds_pdf="figures/graph/graph_folds.pdf",
-        f1=report("figures/graph/graph_f1.png", caption="../report/graph_f1.rst",
-                  category="graph"),
+        f1=report(
+            "figures/graph/graph_f1.png",
+            caption="../report/graph_f1.rst",
+            category="graph",
+        ),
         f1_pdf="figures/graph/graph_f1.pdf",
-        dynamics=report("figures/graph/graph_dynamics.png",
-                        caption="../report/graph_dynamics.rst", category="graph"),
+        dynamics=report(
+            "figures/graph/graph_dynamics.png",
+            caption="../report/graph_dynamics.rst",
+            category="graph",
+        ),
         dynamics_pdf="figures/graph/graph_dynamics.pdf",
         caption="figures/graph/graph_caption.rst",
         metrics="figures/graph/graph_metrics.json",
-    params:
-        dirs=expand("results/graph/{run}", run=GRAPH_RUNS) + expand("results/node/{run}", run=NODE_RUNS),
     log:
         "logs/report_graph.log",
     benchmark:
         "benchmarks/rules/report_graph.tsv"
     conda:
         "../../envs/pipeline.yaml"
+    params:
+        dirs=expand("results/graph/{run}", run=GRAPH_RUNS)
+        + expand("results/node/{run}", run=NODE_RUNS),
     shell:
         "python -m pipeline report-graph --results {params.dirs} --out figures/graph > {log} 2>&1"
 

@@ -11,20 +11,20 @@ rule train_lm:
         metrics="results/lm/{run}/metrics.json",
         curves="results/lm/{run}/curves.csv",
         model="results/lm/{run}/model.pt",
-    params:
-        **train_params("lm", "train_lm"),
-        launcher=train_launcher("lm"),
     log:
         "logs/train_lm/{run}.log",
     benchmark:
         "benchmarks/rules/train_lm/{run}.tsv"
     wildcard_constraints:
         run="|".join(LM_RUNS),
+    conda:
+        "../../envs/pipeline.yaml"
     threads: train_nproc("lm")
     resources:
         **job_resources("lm"),
-    conda:
-        "../../envs/pipeline.yaml"
+    params:
+        **train_params("lm", "train_lm"),
+        launcher=train_launcher("lm"),
     shell:
         LAUNCHED_TRAIN_SHELL
 
@@ -35,22 +35,29 @@ rule report_lm:
         curves=expand("results/lm/{run}/curves.csv", run=LM_RUNS),
     output:
         table_csv="figures/lm/lm_table.csv",
-        table=report("figures/lm/lm_table.md", caption="../report/lm_table.rst", category="lm"),
-        training=report("figures/lm/lm_ppl_time.png", caption="../report/lm_ppl_time.rst",
-                        category="lm"),
+        table=report(
+            "figures/lm/lm_table.md", caption="../report/lm_table.rst", category="lm"
+        ),
+        training=report(
+            "figures/lm/lm_ppl_time.png",
+            caption="../report/lm_ppl_time.rst",
+            category="lm",
+        ),
         training_pdf="figures/lm/lm_ppl_time.pdf",
-        rho=report("figures/lm/lm_rho.png", caption="../report/lm_rho.rst", category="lm"),
+        rho=report(
+            "figures/lm/lm_rho.png", caption="../report/lm_rho.rst", category="lm"
+        ),
         rho_pdf="figures/lm/lm_rho.pdf",
         caption="figures/lm/lm_caption.rst",
         metrics="figures/lm/lm_metrics.json",
-    params:
-        dirs=expand("results/lm/{run}", run=LM_RUNS),
     log:
         "logs/report_lm.log",
     benchmark:
         "benchmarks/rules/report_lm.tsv"
     conda:
         "../../envs/pipeline.yaml"
+    params:
+        dirs=expand("results/lm/{run}", run=LM_RUNS),
     shell:
         "python -m pipeline report-lm --results {params.dirs} --out figures/lm > {log} 2>&1"
 

@@ -2,7 +2,9 @@
 # study (benchmarks/rules/). Reads no torch; rebuilds in seconds.
 from importlib import resources
 
-REFERENCE = str(resources.files("pipeline.figures") / "reference.yaml")  # the package's file
+REFERENCE = str(
+    resources.files("pipeline.figures") / "reference.yaml"
+)  # the package's file
 
 
 rule paper_vs_ours:
@@ -15,19 +17,28 @@ rule paper_vs_ours:
         reference=REFERENCE,
     output:
         table_csv="figures/report/paper_vs_ours.csv",
-        table=report("figures/report/paper_vs_ours.md", caption="../report/paper_vs_ours.rst",
-                     category="paper vs ours"),
-        html=report("figures/report/paper_vs_ours.html", caption="../report/paper_vs_ours.rst",
-                    category="paper vs ours"),
-        deviations=report("figures/report/deviations.md", caption="../report/deviations.rst",
-                          category="paper vs ours"),
+        table=report(
+            "figures/report/paper_vs_ours.md",
+            caption="../report/paper_vs_ours.rst",
+            category="paper vs ours",
+        ),
+        html=report(
+            "figures/report/paper_vs_ours.html",
+            caption="../report/paper_vs_ours.rst",
+            category="paper vs ours",
+        ),
+        deviations=report(
+            "figures/report/deviations.md",
+            caption="../report/deviations.rst",
+            category="paper vs ours",
+        ),
         runtime_csv="figures/report/runtime.csv",
-        runtime=report("figures/report/runtime.md", caption="../report/runtime.rst",
-                       category="paper vs ours"),
+        runtime=report(
+            "figures/report/runtime.md",
+            caption="../report/runtime.rst",
+            category="paper vs ours",
+        ),
         caption="figures/report/report_caption.rst",
-    params:
-        scale=SCALE,
-        threads=as_json(rule_threads()),
     log:
         "logs/paper_vs_ours.log",
     benchmark:
@@ -35,6 +46,9 @@ rule paper_vs_ours:
     localrule: True
     conda:
         "../../envs/pipeline.yaml"
+    params:
+        scale=SCALE,
+        threads=as_json(rule_threads()),
     shell:
         "python -m pipeline report --results results --benchmarks benchmarks/rules"
         " --out figures/report --scale {params.scale} --threads {params.threads:q} > {log} 2>&1"

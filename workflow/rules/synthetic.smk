@@ -3,7 +3,9 @@
 # job's outputs, not those); rerun, it resumes at its last finished chunk.
 
 SYNTHETIC = PARAMS["synthetic"]
-SYNTHETIC_LH = [lh_wildcard(Lh) for Lh in SYNTHETIC["Lh"]]  # one folder per value, no collisions
+SYNTHETIC_LH = [
+    lh_wildcard(Lh) for Lh in SYNTHETIC["Lh"]
+]  # one folder per value, no collisions
 # Each job depends on every synthetic key except the L_h list itself, so adding an
 # L_h runs one new job and leaves the others alone.
 SYNTHETIC_SLICE = as_json({k: v for k, v in SYNTHETIC.items() if k != "Lh"})
@@ -17,21 +19,21 @@ rule synthetic_study:
         dynamics="results/synthetic/Lh={Lh}/dynamics.csv",
         pairs="results/synthetic/Lh={Lh}/pairs.csv",
         summary="results/synthetic/Lh={Lh}/summary.json",
+    log:
+        "logs/synthetic_study/Lh={Lh}.log",
+    benchmark:
+        "benchmarks/rules/synthetic_study/Lh={Lh}.tsv"
+    conda:
+        "../../envs/pipeline.yaml"
+    threads: 1
+    resources:
+        **job_resources("synthetic", gpu=int(SYNTHETIC["device"].startswith("cuda"))),
     params:
         synthetic=SYNTHETIC_SLICE,
         scale=SCALE,
         tracking=tracking_args(),
         tags=lambda wc: job_tags("synthetic_study", Lh=wc.Lh),
         out=subpath(output.summary, parent=True),
-    log:
-        "logs/synthetic_study/Lh={Lh}.log",
-    benchmark:
-        "benchmarks/rules/synthetic_study/Lh={Lh}.tsv"
-    threads: 1
-    resources:
-        **job_resources("synthetic", gpu=int(SYNTHETIC["device"].startswith("cuda"))),
-    conda:
-        "../../envs/pipeline.yaml"
     shell:
         "python -m pipeline synthetic --Lh {wildcards.Lh} --params {params.synthetic:q}"
         " --scale {params.scale} --out {params.out} --checkpoints checkpoints {params.tracking}"
@@ -45,24 +47,33 @@ rule plot_synthetic:
         dynamics=expand("results/synthetic/Lh={Lh}/dynamics.csv", Lh=SYNTHETIC_LH),
         pairs=expand("results/synthetic/Lh={Lh}/pairs.csv", Lh=SYNTHETIC_LH),
     output:
-        cosine=report("figures/synthetic/synthetic_cosine.png",
-                      caption="../report/synthetic_cosine.rst", category="synthetic"),
+        cosine=report(
+            "figures/synthetic/synthetic_cosine.png",
+            caption="../report/synthetic_cosine.rst",
+            category="synthetic",
+        ),
         cosine_pdf="figures/synthetic/synthetic_cosine.pdf",
-        dynamics=report("figures/synthetic/synthetic_solver_dynamics.png",
-                        caption="../report/synthetic_dynamics.rst", category="synthetic"),
+        dynamics=report(
+            "figures/synthetic/synthetic_solver_dynamics.png",
+            caption="../report/synthetic_dynamics.rst",
+            category="synthetic",
+        ),
         dynamics_pdf="figures/synthetic/synthetic_solver_dynamics.pdf",
         table_csv="figures/synthetic/synthetic_summary.csv",
-        table=report("figures/synthetic/synthetic_summary.md",
-                     caption="../report/synthetic_summary.rst", category="synthetic"),
+        table=report(
+            "figures/synthetic/synthetic_summary.md",
+            caption="../report/synthetic_summary.rst",
+            category="synthetic",
+        ),
         caption="figures/synthetic/synthetic_caption.rst",
         metrics="figures/synthetic/synthetic_metrics.json",
-    params:
-        dirs=expand("results/synthetic/Lh={Lh}", Lh=SYNTHETIC_LH),
     log:
         "logs/plot_synthetic.log",
     benchmark:
         "benchmarks/rules/plot_synthetic.tsv"
     conda:
         "../../envs/pipeline.yaml"
+    params:
+        dirs=expand("results/synthetic/Lh={Lh}", Lh=SYNTHETIC_LH),
     shell:
         "python -m pipeline plot-synthetic --results {params.dirs} --out figures/synthetic > {log} 2>&1"

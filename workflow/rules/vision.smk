@@ -4,8 +4,12 @@
 
 VISION_RUNS = run_names("vision")
 # Each job's threads: one per rank; the run-time table counts a 2-rank job twice.
-JOB_THREADS.update({f"train_vision/{run}": run_config("vision", run).get("nproc_per_node", 1)
-                    for run in VISION_RUNS})
+JOB_THREADS.update(
+    {
+        f"train_vision/{run}": run_config("vision", run).get("nproc_per_node", 1)
+        for run in VISION_RUNS
+    }
+)
 
 
 rule train_vision:
@@ -15,20 +19,20 @@ rule train_vision:
         metrics="results/vision/{run}/metrics.json",
         curves="results/vision/{run}/curves.csv",
         model="results/vision/{run}/model.pt",
-    params:
-        **train_params("vision", "train_vision"),
-        launcher=train_launcher("vision"),
     log:
         "logs/train_vision/{run}.log",
     benchmark:
         "benchmarks/rules/train_vision/{run}.tsv"
     wildcard_constraints:
         run="|".join(VISION_RUNS),
+    conda:
+        "../../envs/pipeline.yaml"
     threads: train_nproc("vision")
     resources:
         **job_resources("vision"),
-    conda:
-        "../../envs/pipeline.yaml"
+    params:
+        **train_params("vision", "train_vision"),
+        launcher=train_launcher("vision"),
     shell:
         LAUNCHED_TRAIN_SHELL
 
@@ -39,21 +43,27 @@ rule report_vision:
         curves=expand("results/vision/{run}/curves.csv", run=VISION_RUNS),
     output:
         table_csv="figures/vision/vision_table.csv",
-        table=report("figures/vision/vision_table.md", caption="../report/vision_table.rst",
-                     category="vision"),
-        training=report("figures/vision/vision_training.png",
-                        caption="../report/vision_training.rst", category="vision"),
+        table=report(
+            "figures/vision/vision_table.md",
+            caption="../report/vision_table.rst",
+            category="vision",
+        ),
+        training=report(
+            "figures/vision/vision_training.png",
+            caption="../report/vision_training.rst",
+            category="vision",
+        ),
         training_pdf="figures/vision/vision_training.pdf",
         caption="figures/vision/vision_caption.rst",
         metrics="figures/vision/vision_metrics.json",
-    params:
-        dirs=expand("results/vision/{run}", run=VISION_RUNS),
     log:
         "logs/report_vision.log",
     benchmark:
         "benchmarks/rules/report_vision.tsv"
     conda:
         "../../envs/pipeline.yaml"
+    params:
+        dirs=expand("results/vision/{run}", run=VISION_RUNS),
     shell:
         "python -m pipeline report-vision --results {params.dirs} --out figures/vision > {log} 2>&1"
 
