@@ -86,6 +86,7 @@ from typing import Callable, Optional
 import torch
 
 from pipeline.deq import EstimatorConfig, SolverConfig, attach_estimator, solve
+from pipeline.io import write_json
 from pipeline.memory import TensorMemory
 
 from benchmarks import ddp, diagnostics
@@ -622,6 +623,33 @@ def parse_args(argv=None):
     return args
 
 
+# The paper's backward-speed claim (abstract, "about 1.7x"), as pipeline/figures/
+# reference.yaml states its rule: MDEQ large at CIFAR-10's shape, batch 32 on a GPU, forward
+# and backward budgets 18 / 20, UPG A_{5,0.5} among the cases.
+PAPER_SHAPE = dict(config="large_cifar", image_size=32, batch=32, f_thres=18, b_thres=20,
+                   lam=0.5)
+
+
+def run_summary(args, rows: list[dict]) -> dict:
+    """What the report needs beside backward.csv (summary.json): the scale ("paper" when the
+    shape, budgets and device are the paper's claim's, PAPER_SHAPE on CUDA with k = 5 among
+    the cases; "default" otherwise), the dataset shape, the budgets and how they stop, the
+    machine and the commit."""
+    from pipeline.tracking import git_commit
+    paper = (all(getattr(args, key) == value for key, value in PAPER_SHAPE.items())
+             and 5 in args.ks and args.device.startswith("cuda"))
+    dataset = "cifar10-shape" if (args.config, args.image_size) == ("large_cifar", 32) \
+        else f"{args.config}-{args.image_size}px"
+    return dict(scale="paper" if paper else "default", dataset=dataset, config=args.config,
+                batch=args.batch, image_size=args.image_size, f_thres=args.f_thres,
+                b_thres=args.b_thres, f_tol=args.f_tol, b_tol=args.b_tol, lam=args.lam,
+                ks=list(args.ks), repeats=args.repeats, check_every=args.check_every,
+                graph=args.graph, machine={k: rows[0].get(k) for k in
+                                           ("cpu", "cores", "threads", "torch", "torchdeq",
+                                            "device", "gpu")} if rows else {},
+                git_commit=git_commit())
+
+
 def _config(argv) -> str | None:
     for i, a in enumerate(argv):
         if a == "--config" and i + 1 < len(argv):
@@ -638,6 +666,7 @@ def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     rows = run(args)
     write_csv(rows, args.out_csv, COLUMNS)
+    write_json(run_summary(args, rows), args.out_csv.parent / "summary.json")
     if not args.no_figure:
         for path in plot(rows, args.out_fig):
             print(f"wrote {path}")

@@ -312,17 +312,17 @@ class Run(NullRun):
             _retry(self.client.set_tag, self.run_id, key, str(value))
 
     def log_dataset(self, name: str, sha256: str, source: str, contexts: Sequence[str]) -> None:
-        """The run's dataset as an MLflow dataset input (the runs table's Dataset column):
+        """The run's dataset as one MLflow dataset input (the runs table's Dataset column):
         its name, digest (the first 32 hex digits of ``sha256``: MLflow's digest field holds
-        36 characters; the whole in the input's ``sha256`` tag) and source, once per
-        context (the split it serves, e.g. train and test). A resumed run logs it again:
-        MLflow keeps one input per dataset and context."""
+        36 characters; the whole in the input's ``sha256`` tag) and source, with the splits
+        it serves joined as its context (e.g. ``train+test``). One input, not one per split:
+        MLflow's store keeps one input per (name, digest) and run, dropping the rest. A
+        resumed run logs it again, and the store keeps the first."""
         from mlflow.entities import Dataset, DatasetInput, InputTag
         dataset = Dataset(name=name, digest=sha256[:32], source_type="local",
                           source=json.dumps({"uri": source}))
-        inputs = [DatasetInput(dataset, [InputTag("mlflow.data.context", context),
-                                         InputTag("sha256", sha256)]) for context in contexts]
-        _retry(self.client.log_inputs, self.run_id, datasets=inputs)
+        tags = [InputTag("mlflow.data.context", "+".join(contexts)), InputTag("sha256", sha256)]
+        _retry(self.client.log_inputs, self.run_id, datasets=[DatasetInput(dataset, tags)])
 
     def last_step(self, key: str) -> int | None:
         history = _retry(self.client.get_metric_history, self.run_id, key)

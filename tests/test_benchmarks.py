@@ -135,3 +135,24 @@ def test_deq_transformer_config_runs_every_case(tmp_path):
     assert float(rows["upg_jr_f14"]["peak_mem_mb"]) > float(rows["upg_f14"]["peak_mem_mb"])
     assert int(rows["upg_jr_f20"]["f_thres"]) == 20 and rows["npg"]["jr_weight"] == "0"  # %.6g
     assert "implicit + JR 2.0 / upg_jr_f14" in proc.stdout and "peak memory JR on / off" in proc.stdout
+
+
+def test_the_summary_says_which_scale_the_speed_claim_can_read(quick_run):
+    """summary.json beside backward.csv tells the report the scale: the quick CPU run is
+    not the paper's shape; the paper's shape, budgets and k = 5 on CUDA are, and on the
+    CPU, or with other budgets, they are not."""
+    import argparse
+    import json
+
+    from benchmarks.backward import PAPER_SHAPE, run_summary
+    out, rows, _ = quick_run
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["scale"] == "default" and summary["batch"] == 4
+    assert summary["machine"]["device"] == "cpu" and summary["git_commit"]
+    paper = argparse.Namespace(**PAPER_SHAPE, ks=[1, 5, 10], device="cuda", f_tol=1e-9,
+                               b_tol=1e-9, repeats=5, check_every=1, graph=False)
+    assert run_summary(paper, rows)["scale"] == "paper"
+    assert run_summary(paper, rows)["dataset"] == "cifar10-shape"
+    for change in (dict(device="cpu"), dict(b_thres=24), dict(batch=128), dict(ks=[1, 10])):
+        assert run_summary(argparse.Namespace(**{**vars(paper), **change}), rows)["scale"] \
+            == "default", change

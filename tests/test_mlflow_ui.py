@@ -74,7 +74,16 @@ def test_runs_list_and_compare_view(workflow, server):
     shown = re.search(r"(\d+) matching runs", text)
     assert shown and int(shown.group(1)) == len(runs) + 1, text[-1500:]  # + the default parent
     assert "ablations (paper)" not in text, "a default run makes no paper-scale parent"
-    assert "digits" in text, "the runs table's Dataset column names the dataset"
+    assert " Dataset " in text, "the runs table has its Dataset column"
+
+    # The list nests the jobs under their parent (collapsed), so a job's dataset is read on
+    # its run page: name (digest) and context, the input tracking.Run.log_dataset logged.
+    upg = client.get_run(runs["upg_sgd"])
+    digest = upg.inputs.dataset_inputs[0].dataset.digest
+    page = chromium(f"{server}/#/experiments/{exp.experiment_id}/runs/{runs['upg_sgd']}",
+                    "--dump-dom")
+    page = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", page))
+    assert f"Datasets digits ({digest}) train+test" in page, page[:3000]
 
     pair = [runs["upg_sgd"], runs["npg_sgd"]]
     url = (f"{server}/#/compare-runs?runs={json.dumps(pair, separators=(',', ':'))}"
