@@ -95,7 +95,7 @@ for run in large_cifar_fixed large_cifar_tol small_imagenet; do
     if have torchdeq && have matplotlib; then
         case $run in
             large_cifar_fixed) ARGS=("${LARGE[@]}") ;;
-            large_cifar_tol) ARGS=("${LARGE[@]}" --f-tol 1e-3 --b-tol 1e-3) ;;
+            large_cifar_tol) ARGS=("${LARGE[@]}" --ks 5 --f-tol 1e-3 --b-tol 1e-3) ;;
             small_imagenet) ARGS=("${SMALL[@]}") ;;
         esac
         step "backward_$run" 150 "$PY" -m benchmarks.backward "${ARGS[@]}" \

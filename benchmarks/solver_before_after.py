@@ -17,6 +17,7 @@ import argparse
 import importlib.util
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -36,6 +37,7 @@ def old_solvers(commit: str):
     path.write_text(source)
     spec = importlib.util.spec_from_file_location(f"solvers_{commit}", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up while being made
     spec.loader.exec_module(module)
     return module
 

@@ -7,6 +7,10 @@ GPU idle between them. :class:`SyncCounter` counts what would be such a read on 
 (``_linalg_check_errors`` behind ``torch.linalg.solve``, ``nonzero``, ``is_nonzero``), and
 the Python-level reads ``tolist`` / ``numpy`` / ``cpu`` (a device-to-host copy on CUDA,
 invisible to a dispatch mode on the CPU).
+
+On the CPU the solvers keep their books in Python floats (``HOST_BOOKKEEPING_ON_CPU``):
+there a host read costs nothing. These tests count the path a GPU runs, so they turn it
+off; the last tests check that both paths give the same solves, bit for bit.
 """
 from __future__ import annotations
 
@@ -20,6 +24,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from pipeline.deq import EstimatorConfig, SolverConfig, implicit_layer, solve
 
 aten = torch.ops.aten
+
+
+@pytest.fixture(autouse=True)
+def device_bookkeeping(monkeypatch):
+    """The solvers' device-side bookkeeping, the path a GPU runs, on the CPU."""
+    from pipeline.deq import solvers
+    monkeypatch.setattr(solvers, "HOST_BOOKKEEPING_ON_CPU", False)
 SYNC_OPS = {aten._local_scalar_dense, aten._linalg_check_errors, aten.nonzero, aten.is_nonzero}
 SYNC_METHODS = {"tolist", "numpy", "cpu"}
 
@@ -158,6 +169,54 @@ def test_the_phantom_estimators_never_read_the_host(name):
         loss.backward()
     assert syncs == []
     assert W.grad is not None
+
+
+def _solve_both_ways(monkeypatch, *args, **kwargs):
+    from pipeline.deq import solvers
+    out = []
+    for on_host in (False, True):
+        monkeypatch.setattr(solvers, "HOST_BOOKKEEPING_ON_CPU", on_host)
+        out.append(solve(*args, **kwargs))
+    return out
+
+
+@pytest.mark.parametrize("name", FORWARD)
+@pytest.mark.parametrize("check_every,tol,stop_mode", [(1, 1e-4, "rel"), (0, 1e-4, "rel"),
+                                                       (3, 1e-12, "abs"), (1, 1e-3, "inf"),
+                                                       (4, 1e-3, "inf")])
+def test_host_and_device_bookkeeping_give_the_same_solve(monkeypatch, name, check_every, tol,
+                                                          stop_mode):
+    """The CPU's Python-float books and the device's: the same iterate, traces, best step,
+    stop and reason, bit for bit."""
+    _, _, f, h0 = _problem()
+    (x_dev, s_dev), (x_host, s_host) = _solve_both_ways(
+        monkeypatch, f, h0, SolverConfig(name, 25, tol, stop_mode=stop_mode,
+                                         check_every=check_every))
+    assert torch.equal(x_dev, x_host)
+    assert s_dev == s_host, (s_dev, s_host)
+
+
+@pytest.mark.parametrize("check_every", [1, 0, 3])
+def test_host_and_device_bookkeeping_diverge_alike(monkeypatch, check_every):
+    _, _, f, h0 = _problem()
+
+    def blows_up_after(n):
+        calls = []
+
+        def g(h):
+            calls.append(1)
+            return f(h) * (math.inf if len(calls) > n else 1.0)
+        return g
+
+    out = []
+    from pipeline.deq import solvers
+    for on_host in (False, True):
+        monkeypatch.setattr(solvers, "HOST_BOOKKEEPING_ON_CPU", on_host)
+        out.append(solve(blows_up_after(5), h0, SolverConfig("broyden", 12, 1e-12,
+                                                              check_every=check_every)))
+    (x_dev, s_dev), (x_host, s_host) = out
+    assert s_dev.diverged and s_dev.reason == "non-finite residual at step 5"
+    assert torch.equal(x_dev, x_host) and s_dev == s_host
 
 
 def test_the_counter_sees_the_reads_it_is_meant_to():

@@ -76,8 +76,10 @@ def test_runs_list_and_compare_view(workflow, server):
     assert "ablations (paper)" not in text, "a default run makes no paper-scale parent"
     assert " Dataset " in text, "the runs table has its Dataset column"
 
-    # The list nests the jobs under their parent (collapsed), so a job's dataset is read on
-    # its run page: name (digest) and context, the input tracking.Run.log_dataset logged.
+    # The list nests the jobs under their parent, collapsed: a job's Dataset cell shows only
+    # after a click on the parent's expander, which --dump-dom cannot make (the UI keeps
+    # that state in the browser, not the URL). So a job's dataset is read on its run page:
+    # name (digest) and context, the input tracking.Run.log_dataset logged.
     upg = client.get_run(runs["upg_sgd"])
     digest = upg.inputs.dataset_inputs[0].dataset.digest
     page = chromium(f"{server}/#/experiments/{exp.experiment_id}/runs/{runs['upg_sgd']}",

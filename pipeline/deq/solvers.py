@@ -25,7 +25,10 @@ Host syncs: the residuals, the best iterate and the stop test stay on the solve'
 device; the host reads them to test convergence every ``check_every`` steps, and once at
 the end to fill :class:`SolverStats`. On a GPU each read waits for the queued work, so
 a solve checked every step makes one sync a step, and a fixed-budget solve
-(``check_every=0``: ``max_iter`` steps, then the best iterate) makes one in all.
+(``check_every=0``: ``max_iter`` steps, then the best iterate) makes one in all. On the
+CPU, where a host read costs nothing and a dozen tiny tensor ops a step can cost more than
+a small F, the same bookkeeping runs in Python floats (:data:`HOST_BOOKKEEPING_ON_CPU`),
+with the same float64 arithmetic: both give the same iterates and traces, bit for bit.
 """
 from __future__ import annotations
 
@@ -41,6 +44,10 @@ Tensor = torch.Tensor
 StepCallback = Callable[[int, Tensor], None]
 
 STOP_MODES = ("abs", "rel", "inf")
+
+# The solvers' bookkeeping on a CPU solve: in Python floats (True), or on the device as on a
+# GPU (False; tests/test_host_syncs.py counts that path's host reads on the CPU).
+HOST_BOOKKEEPING_ON_CPU = True
 
 
 @dataclass
@@ -144,16 +151,22 @@ class _Tracker:
     compute them from the float32 norms), whether every step so far was finite, the best
     iterate (lowest residual in the stop norm) and whether the tolerance was met. The
     host reads the stop test every ``check_every`` steps (one sync) and the traces once,
-    in :meth:`finish` (one sync).
+    in :meth:`finish` (one sync). On the CPU (:data:`HOST_BOOKKEEPING_ON_CPU`) the same
+    rules run in Python floats, read every step, since there a read costs nothing.
     """
 
     def __init__(self, x0: Tensor, tol: float, stop_mode: str,
                  callback: Optional[StepCallback], check_every: int = 1):
         self.tol, self.stop_mode, self.callback = tol, stop_mode, callback
         self.check_every = check_every
+        self.on_host = HOST_BOOKKEEPING_ON_CPU and x0.device.type == "cpu"
         self.x0 = x0
-        self.rows: list[Tensor] = []
+        self.rows: list = []
         self.best: Tensor = x0
+        if self.on_host:
+            self.best_value, self.best_step = math.inf, 0
+            self.alive, self.converged = True, False
+            return
         self.best_value = torch.full((), math.inf, dtype=torch.float64, device=x0.device)
         self.best_step = torch.zeros((), dtype=torch.float64, device=x0.device)
         self.alive = torch.ones((), dtype=torch.bool, device=x0.device)
@@ -162,6 +175,19 @@ class _Tracker:
     def record(self, step: int, x: Tensor, fx: Tensor) -> bool:
         """Record iterate ``x`` with value ``fx = F(x)``; return True to stop (only on a
         checking step: the host does not see the others)."""
+        if self.on_host:
+            self._record_on_host(step, x, fx)
+        else:
+            self._record_on_device(step, x, fx)
+        if self.callback is not None:
+            self.callback(step, x)
+        if self.check_every and step % self.check_every == 0:
+            if self.on_host:
+                return not self.alive or self.converged
+            return bool(~self.alive | self.converged)   # the one host read of this step
+        return False
+
+    def _record_on_device(self, step: int, x: Tensor, fx: Tensor) -> None:
         diff = fx - x
         abs_res = torch.linalg.vector_norm(diff).double()
         fx_norm = torch.linalg.vector_norm(fx).double()
@@ -180,21 +206,29 @@ class _Tracker:
         self.converged = self.converged | (ok & (value <= self.tol))
         self.alive = ok
         self.rows.append(torch.stack([abs_res, rel_res, inf_res]))
-        if self.callback is not None:
-            self.callback(step, x)
-        if self.check_every and step % self.check_every == 0:
-            return bool(~self.alive | self.converged)   # the one host read of this step
-        return False
+
+    def _record_on_host(self, step: int, x: Tensor, fx: Tensor) -> None:
+        """The device rules above in Python floats (float64, as there)."""
+        abs_res, rel_res, inf_res = residuals(x, fx, self.stop_mode == "inf")
+        value = {"rel": rel_res, "abs": abs_res, "inf": inf_res}[self.stop_mode]
+        ok = self.alive and math.isfinite(abs_res) and math.isfinite(rel_res)
+        if ok and value < self.best_value:
+            self.best, self.best_value, self.best_step = x.clone(), value, step
+        self.converged = self.converged or (ok and value <= self.tol)
+        self.alive = ok
+        self.rows.append([abs_res, rel_res, inf_res])
 
     def finish(self, x0: Tensor) -> tuple[Tensor, SolverStats]:
         s = SolverStats()
         if not self.rows:
             return x0.clone(), s
-        # one host read: every step's residuals, the best step, the tolerance flag
-        host = torch.cat([torch.stack(self.rows).flatten(), self.best_step[None],
-                          self.converged.double()[None]]).tolist()
-        rows = [host[i:i + 3] for i in range(0, len(host) - 2, 3)]
-        best_step, converged = int(host[-2]), bool(host[-1])
+        if self.on_host:
+            rows, best_step, converged = self.rows, self.best_step, self.converged
+        else:  # one host read: every step's residuals, the best step, the tolerance flag
+            host = torch.cat([torch.stack(self.rows).flatten(), self.best_step[None],
+                              self.converged.double()[None]]).tolist()
+            rows = [host[i:i + 3] for i in range(0, len(host) - 2, 3)]
+            best_step, converged = int(host[-2]), bool(host[-1])
         first_bad = next((i for i, (a, r, _) in enumerate(rows)
                           if not (math.isfinite(a) and math.isfinite(r))), None)
         if first_bad is not None:
