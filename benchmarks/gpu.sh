@@ -77,8 +77,10 @@ step train_step 150 "$PY" -m benchmarks.gpu_check train-step --out "$OUT" $QUICK
 step resume 120 "$PY" -m benchmarks.gpu_check resume --out "$OUT" $QUICK
 DEV=$("$PY" -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
 if [[ -n "$QUICK" ]]; then
-    LARGE=(--quick --config large_cifar --batch 2 --image-size 8 --repeats 1)
-    SMALL=(--quick --config small_imagenet --batch 2 --image-size 32 --repeats 1)
+    # the rehearsal's backward runs: one k, no figure (tests/test_benchmarks.py draws one)
+    LARGE=(--quick --config large_cifar --batch 2 --image-size 8 --repeats 1 --ks 2 --no-figure)
+    SMALL=(--quick --config small_imagenet --batch 2 --image-size 32 --repeats 1 --ks 2
+           --no-figure)
     PAIRS=8
 else
     LARGE=(--config large_cifar --batch 32 --image-size 32 --f-thres 18 --b-thres 20

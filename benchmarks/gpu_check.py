@@ -347,8 +347,9 @@ def resume_check(args) -> dict:
     base = [sys.executable, "-m", "benchmarks.gpu_check", "resume-worker", "--out", str(out)]
     base += ["--quick"] if args.quick else []
     t0 = time.perf_counter()
-    subprocess.run(base + ["--phase", "whole"], check=True)
     proc = subprocess.Popen(base + ["--phase", "interrupted"], stdout=subprocess.PIPE, text=True)
+    # the uninterrupted run, here, while the other process starts (it writes no checkpoint)
+    resume_worker(argparse.Namespace(**{**vars(args), "phase": "whole"}))
     for line in proc.stdout:
         if line.strip() == "READY":
             break

@@ -316,13 +316,20 @@ class Run(NullRun):
         its name, digest (the first 32 hex digits of ``sha256``: MLflow's digest field holds
         36 characters; the whole in the input's ``sha256`` tag) and source, with the splits
         it serves joined as its context (e.g. ``train+test``). One input, not one per split:
-        MLflow's store keeps one input per (name, digest) and run, dropping the rest. A
-        resumed run logs it again, and the store keeps the first."""
+        MLflow's store keeps one input per (name, digest) and run, dropping the rest.
+
+        The runs above it (a job's run of folds, the study's parent) get the input too: the
+        runs list shows a study's parent with its jobs folded in, so the parent's Dataset
+        cell names every dataset its jobs used. A resumed run logs it again; the store keeps
+        the first."""
         from mlflow.entities import Dataset, DatasetInput, InputTag
         dataset = Dataset(name=name, digest=sha256[:32], source_type="local",
                           source=json.dumps({"uri": source}))
         tags = [InputTag("mlflow.data.context", "+".join(contexts)), InputTag("sha256", sha256)]
-        _retry(self.client.log_inputs, self.run_id, datasets=[DatasetInput(dataset, tags)])
+        run_id = self.run_id
+        while run_id:
+            _retry(self.client.log_inputs, run_id, datasets=[DatasetInput(dataset, tags)])
+            run_id = _retry(self.client.get_run, run_id).data.tags.get("mlflow.parentRunId")
 
     def last_step(self, key: str) -> int | None:
         history = _retry(self.client.get_metric_history, self.run_id, key)

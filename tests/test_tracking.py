@@ -263,6 +263,35 @@ def test_init_tracking_cli(store):
     assert "extra" in again and again["extra"] not in ids.values()
 
 
+def test_a_dataset_input_goes_on_the_run_and_every_run_above_it(tmp_path, store_uri):
+    """One input per run (MLflow keeps one per name and digest), its context the splits
+    joined; the study's parent collects its jobs' datasets, once each, so the runs list,
+    which folds the jobs under it, names them."""
+    from pipeline.tracking import PARENT_ROLE
+    uri, artifacts = store_uri, str(tmp_path / "artifacts")
+    exp_id = init_store(uri, artifacts, ["study"])["study"]
+    sha_a, sha_b = "a" * 64, "b" * 64
+    with start_run(uri, "study", "x", {"scale": "default"}, {}, artifacts) as x:
+        x.log_dataset("digits", sha_a, "data/digits", ["train", "test"])
+    with start_run(uri, "study", "y", {"scale": "default"}, {}, artifacts) as y:
+        y.log_dataset("digits", sha_a, "data/digits", ["train", "test"])
+        y.log_dataset("chains", sha_b, "data/chains", ["train"])
+    client = _client(uri)
+
+    def inputs(run_id):
+        return {(i.dataset.name, i.dataset.digest,
+                 {t.key: t.value for t in i.tags}["mlflow.data.context"])
+                for i in client.get_run(run_id).inputs.dataset_inputs}
+
+    assert inputs(x.run_id) == {("digits", sha_a[:32], "train+test")}
+    assert inputs(y.run_id) == {("digits", sha_a[:32], "train+test"),
+                                ("chains", sha_b[:32], "train")}
+    parent, = [r for r in client.search_runs([exp_id])
+               if r.data.tags.get(PARENT_ROLE[0]) == PARENT_ROLE[1]]
+    assert inputs(parent.info.run_id) == inputs(y.run_id)
+    assert len(client.get_run(parent.info.run_id).inputs.dataset_inputs) == 2
+
+
 def test_runs_sit_under_one_parent_per_study_and_scale(tmp_path, store_uri):
     """The store makes no parent; a study's first job at a scale makes that scale's parent,
     a later one finds it; a resumed run keeps its parent; a parent's status sums up its
