@@ -327,3 +327,34 @@ def test_runs_sit_under_one_parent_per_study_and_scale(tmp_path, store_uri):
         assert children[name].data.tags["mlflow.parentRunId"] == found[scale].info.run_id
     assert client.get_experiment(exp_id).tags["mlflow.experimentKind"] == \
         "custom_model_development"
+
+
+def test_system_metrics_sample_cpu_and_memory_and_say_the_gpu_is_off(tmp_path, store_uri):
+    """tracking.system_metrics_s > 0 turns on MLflow's monitor for the run: system/* metrics
+    (CPU and memory through psutil) and a tag that says whether the GPU part is on; with 0,
+    the default scale's setting, nothing is sampled."""
+    from pipeline.tracking import _client
+    uri, artifacts = store_uri, str(tmp_path / "artifacts")
+    init_store(uri, artifacts, ["study"])
+    with start_run(uri, "study", "sampled", {}, {}, artifacts, system_metrics_s=0.2) as on:
+        time.sleep(1.5)
+    with start_run(uri, "study", "quiet", {}, {}, artifacts) as off:
+        time.sleep(0.5)
+    client = _client(uri)
+    sampled = client.get_run(on.run_id).data
+    assert "system/cpu_utilization_percentage" in sampled.metrics
+    assert "system/system_memory_usage_megabytes" in sampled.metrics
+    assert len(client.get_metric_history(on.run_id, "system/cpu_utilization_percentage")) >= 2
+    gpu = torch_cuda_available()
+    assert sampled.tags["system_metrics"].endswith(
+        "on (nvidia-ml-py)" if gpu else "off (no nvidia-ml-py or no GPU)")
+    quiet = client.get_run(off.run_id).data
+    assert not any(k.startswith("system/") for k in quiet.metrics)
+    assert "system_metrics" not in quiet.tags
+
+
+def torch_cuda_available() -> bool:
+    import importlib.util
+
+    import torch
+    return torch.cuda.is_available() and importlib.util.find_spec("pynvml") is not None
