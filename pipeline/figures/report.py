@@ -259,7 +259,9 @@ def evaluate(entry: dict, root: Path, scale: str) -> dict:
             and row["status"] != "not run at this scale":
         row["gap"] = _fmt(values["ours"] - entry["paper"])
     if row["scale"] == "default" and row["status"] not in ("not run at this scale",):
-        notes.insert(0, "default scale, one seed per run")
+        # a synthetic row counts W seeds itself ("k of 5"); a training run is one seed
+        notes.insert(0, "default scale" if entry["study"] == "synthetic"
+                     else "default scale, one seed per run")
     if entry.get("condition") and row["status"] in ("reproduced", "not reproduced"):
         notes.append(f"under {entry['condition']}")
     row["note"] = "; ".join(notes)
