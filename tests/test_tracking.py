@@ -336,11 +336,14 @@ def test_system_metrics_sample_cpu_and_memory_and_say_the_gpu_is_off(tmp_path, s
     from pipeline.tracking import _client
     uri, artifacts = store_uri, str(tmp_path / "artifacts")
     init_store(uri, artifacts, ["study"])
+    client = _client(uri)
     with start_run(uri, "study", "sampled", {}, {}, artifacts, system_metrics_s=0.2) as on:
-        time.sleep(1.5)
+        deadline = time.monotonic() + 30  # a hang guard: two samples take ~0.5 s when idle
+        while (len(client.get_metric_history(on.run_id, "system/cpu_utilization_percentage"))
+               < 2 and time.monotonic() < deadline):
+            time.sleep(0.2)
     with start_run(uri, "study", "quiet", {}, {}, artifacts) as off:
         time.sleep(0.5)
-    client = _client(uri)
     sampled = client.get_run(on.run_id).data
     assert "system/cpu_utilization_percentage" in sampled.metrics
     assert "system/system_memory_usage_megabytes" in sampled.metrics
