@@ -47,6 +47,7 @@ os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before CUDA start
 import torch  # noqa: E402
 
 from benchmarks.common import write_csv  # noqa: E402
+from benchmarks.ddp import RandomImages  # noqa: E402  (the loop step on random images)
 
 
 def _device(args) -> str:
@@ -193,19 +194,6 @@ def _torchdeq_row(func, h0, steps, batch, device, repeats) -> dict:
 
 # --- train-step -----------------------------------------------------------------------------
 
-class _RandomImages:
-    """What ``train_step`` needs of a task, on random images of the real shape."""
-
-    def pretrain_estimator(self, model):
-        from pipeline.deq import EstimatorConfig
-        return EstimatorConfig("unrolled", k=model.config.num_layers)
-
-    def loss(self, model, batch, solver, estimator):
-        x, y = batch
-        logits, _ = model(x, solver, estimator)
-        return torch.nn.functional.cross_entropy(logits, y), {"acc": 0.0}
-
-
 def train_step_rows(args) -> list[dict]:
     from pipeline import tracking as M
     from pipeline.experiments import determinism
@@ -240,7 +228,7 @@ def train_step_rows(args) -> list[dict]:
                 for i in range(warm + timed):
                     xb = torch.randn(batch, 3, size, size, device=device, generator=gen)
                     yb = torch.randint(0, 10, (batch,), device=device, generator=gen)
-                    out = train_step(cfg, _RandomImages(), model, opt, sched, (xb, yb), state,
+                    out = train_step(cfg, RandomImages(None), model, opt, sched, (xb, yb), state,
                                      cfg.diagnostics_config)
                     state["step"] += 1
                     if i >= warm:
@@ -278,7 +266,7 @@ class _RandomTask:
         return MDEQ(self.model_config).to(self.device)
 
     def pretrain_estimator(self, model):
-        return _RandomImages().pretrain_estimator(model)
+        return RandomImages(None).pretrain_estimator(model)
 
     def steps_per_epoch(self, world_size: int = 1) -> int:
         return self.steps
@@ -291,7 +279,7 @@ class _RandomTask:
             yield x.to(self.device), y.to(self.device)
 
     def loss(self, model, batch, solver, estimator):
-        return _RandomImages().loss(model, batch, solver, estimator)
+        return RandomImages(None).loss(model, batch, solver, estimator)
 
     @torch.no_grad()
     def evaluate(self, model, solver, estimator):
