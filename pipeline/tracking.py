@@ -271,6 +271,12 @@ class NullRun:
         return None
 
 
+# What this process has logged as dataset inputs, (run id, name, sha256), and each run's
+# parent: a job's folds or seeds, run in one process, log their parents' input once.
+_LOGGED_INPUTS: set[tuple[str, str, str]] = set()
+_PARENT_OF: dict[str, str | None] = {}
+
+
 class Run(NullRun):
     """An open MLflow run; metrics go out in batches of at most 1000 entries."""
 
@@ -328,8 +334,13 @@ class Run(NullRun):
         tags = [InputTag("mlflow.data.context", "+".join(contexts)), InputTag("sha256", sha256)]
         run_id = self.run_id
         while run_id:
-            _retry(self.client.log_inputs, run_id, datasets=[DatasetInput(dataset, tags)])
-            run_id = _retry(self.client.get_run, run_id).data.tags.get("mlflow.parentRunId")
+            if (run_id, name, sha256) not in _LOGGED_INPUTS:  # a job's folds share parents
+                _retry(self.client.log_inputs, run_id, datasets=[DatasetInput(dataset, tags)])
+                _LOGGED_INPUTS.add((run_id, name, sha256))
+            if run_id not in _PARENT_OF:
+                _PARENT_OF[run_id] = _retry(self.client.get_run, run_id).data.tags.get(
+                    "mlflow.parentRunId")
+            run_id = _PARENT_OF[run_id]
 
     def last_step(self, key: str) -> int | None:
         history = _retry(self.client.get_metric_history, self.run_id, key)
