@@ -390,6 +390,7 @@ def start_run(uri: str, experiment: str, run_name: str, tags: Mapping[str, str],
     run.log_params(params)
     monitor = _system_monitor(run, uri, system_metrics_s)
     parent = _retry(client.get_run, run_id).data.tags.get("mlflow.parentRunId")
+    _PARENT_OF[run_id] = parent
     if parent:
         _retry(client.update_run, parent, status="RUNNING")
     try:
