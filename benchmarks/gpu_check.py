@@ -205,7 +205,7 @@ def train_step_rows(args) -> list[dict]:
                                         else ("large_cifar", 32, 128, 3, 20))
     variants = [("before: read every step, F eager", 1, False),
                 ("after: read once, F from a CUDA graph", 0, True)]
-    rows = []
+    rows, task = [], RandomImages(None)
     for estimator in ("implicit", "upg"):
         for deterministic in (False, True):
             for name, check, graph in variants:
@@ -228,7 +228,7 @@ def train_step_rows(args) -> list[dict]:
                 for i in range(warm + timed):
                     xb = torch.randn(batch, 3, size, size, device=device, generator=gen)
                     yb = torch.randint(0, 10, (batch,), device=device, generator=gen)
-                    out = train_step(cfg, RandomImages(None), model, opt, sched, (xb, yb), state,
+                    out = train_step(cfg, task, model, opt, sched, (xb, yb), state,
                                      cfg.diagnostics_config)
                     state["step"] += 1
                     if i >= warm:
@@ -245,9 +245,10 @@ def train_step_rows(args) -> list[dict]:
 
 # --- resume ---------------------------------------------------------------------------------
 
-class _RandomTask:
+class _RandomTask(RandomImages):
     """A complete task on seeded random images (MDEQ-Tiny's shape): batches per
-    (epoch, step), an evaluation on a fixed random batch."""
+    (epoch, step), an evaluation on a fixed random batch; the loss and the pretraining
+    estimator are RandomImages'."""
 
     name = "random_images"
     primary_metric = "acc"
@@ -258,15 +259,12 @@ class _RandomTask:
     def __init__(self, device: str, size: int, batch: int, steps: int):
         from pipeline.models.mdeq import MDEQConfig
         self.device, self.size, self.batch, self.steps = device, size, batch, steps
-        self.model_config = MDEQConfig.from_params({"preset": "tiny"}, in_channels=3,
-                                                   num_classes=10, image_size=size)
+        super().__init__(MDEQConfig.from_params({"preset": "tiny"}, in_channels=3,
+                                                num_classes=10, image_size=size))
 
     def build_model(self):
         from pipeline.models.mdeq import MDEQ
         return MDEQ(self.model_config).to(self.device)
-
-    def pretrain_estimator(self, model):
-        return RandomImages(None).pretrain_estimator(model)
 
     def steps_per_epoch(self, world_size: int = 1) -> int:
         return self.steps
@@ -277,9 +275,6 @@ class _RandomTask:
             x = torch.randn(self.batch, 3, self.size, self.size, generator=gen)
             y = torch.randint(0, 10, (self.batch,), generator=gen)
             yield x.to(self.device), y.to(self.device)
-
-    def loss(self, model, batch, solver, estimator):
-        return RandomImages(None).loss(model, batch, solver, estimator)
 
     @torch.no_grad()
     def evaluate(self, model, solver, estimator):
