@@ -46,36 +46,45 @@ step() {
 
 note "# GPU check $(date -u +%Y-%m-%dT%H:%M:%SZ)${QUICK:+ (CPU rehearsal, --quick)}"
 note ""
-"$PY" - <<'EOF' | tee -a "$SUMMARY"
+# the versions (into the summary), then one line "probe DEVICE MISSING,PACKAGES" for the
+# steps below: one Python process asks it all (each import of torch costs seconds)
+PROBE=$("$PY" - <<'EOF'
 import importlib, platform, subprocess
 print(f"- python {platform.python_version()}, commit "
       + subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                        text=True).stdout.strip())
+device = "cpu"
 try:
     import torch
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (CPU only)"
     print(f"- torch {torch.__version__}, CUDA {torch.version.cuda}, GPU {gpu}")
 except ImportError:
     print("- torch: MISSING (nothing can run)")
 from importlib.metadata import PackageNotFoundError, version
+missing = []
 for name in ("numpy", "scipy", "pandas", "matplotlib", "pytest", "torchdeq"):
     try:
         importlib.import_module(name)
         print(f"- {name} {version(name)}")
     except ImportError:
+        missing.append(name)
         print(f"- {name}: MISSING (the steps that need it are skipped)")
     except PackageNotFoundError:
         print(f"- {name} (version unknown)")
+print("probe", device, ",".join(missing) or "-")
 EOF
+)
+grep -v '^probe ' <<< "$PROBE" | tee -a "$SUMMARY"
+read -r _ DEV MISSING <<< "$(grep '^probe ' <<< "$PROBE")"
+have() { [[ ",$MISSING," != *",$1,"* ]]; }
 command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version \
     --format=csv,noheader | sed 's/^/- nvidia-smi: /' | tee -a "$SUMMARY"
 note ""
-have() { "$PY" -c "import $1" 2>/dev/null; }
 
 step solve_profile 120 "$PY" -m benchmarks.gpu_check solve-profile --out "$OUT" $QUICK
 step train_step 150 "$PY" -m benchmarks.gpu_check train-step --out "$OUT" $QUICK
 step resume 120 "$PY" -m benchmarks.gpu_check resume --out "$OUT" $QUICK
-DEV=$("$PY" -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
 if [[ -n "$QUICK" ]]; then
     # the rehearsal's backward runs: one k, no figure (tests/test_benchmarks.py draws one)
     LARGE=(--quick --config large_cifar --batch 2 --image-size 8 --repeats 1 --ks 2 --no-figure)

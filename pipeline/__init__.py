@@ -5,6 +5,7 @@ and enforced in ``tests/test_layers.py``, imports inside functions included):
 
     deq/          the maths: solvers, gradient estimators (implicit, UPG, NPG), spectral
                   tools, Jacobian regularization; knows nothing of files or tracking
+                  (deq/config.py: their configurations and names, without torch)
     io.py, signals.py, progress.py, memory.py, environment.py
                   small helpers: atomic writes and the params hash, SIGTERM, progress
                   lines, tensor memory, what a run ran on

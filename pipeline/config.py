@@ -152,19 +152,19 @@ def study_run(params: dict, study: str, name: str) -> dict:
 
 def _check_semantics(params: dict) -> None:
     """Checks a JSON schema cannot express: names that must exist in the package registries."""
-    from pipeline.deq import ESTIMATORS, LINEAR_SOLVERS, SOLVERS
-    from pipeline.experiments.tasks import TASKS
+    from pipeline.deq.config import ESTIMATORS, LINEAR_SOLVERS, SOLVER_NAMES
+    from pipeline.experiments.tasks import TASK_NAMES
     from pipeline.experiments.train_config import TrainConfig
 
     def check(key: str, value: str, valid) -> None:
         if value not in valid:
             raise ParamsError(f"invalid params.yaml:\n  {key}: {value!r} is not one of {sorted(valid)}")
 
-    forward_solvers = sorted(set(SOLVERS) - set(LINEAR_SOLVERS))
+    forward_solvers = sorted(set(SOLVER_NAMES) - set(LINEAR_SOLVERS))
     syn = params.get("synthetic", {})
     if syn:
         check("synthetic.forward.solver", syn["forward"]["solver"], forward_solvers)
-        check("synthetic.dynamics.solver", syn["dynamics"]["solver"], SOLVERS)
+        check("synthetic.dynamics.solver", syn["dynamics"]["solver"], SOLVER_NAMES)
         for i, value in enumerate(syn["Lh"]):
             wildcard = lh_wildcard(value)
             if not re.fullmatch(LH_PATTERN, wildcard) or float(wildcard) != value:
@@ -178,8 +178,8 @@ def _check_semantics(params: dict) -> None:
             for err in Validator(run_schema).iter_errors(merged):
                 where = _origin(params, study, name, list(err.absolute_path))
                 raise ParamsError(f"invalid params.yaml:\n  {where}: {err.message}")
-            checks = (("task", TASKS), ("estimator", ESTIMATORS), ("f_solver", forward_solvers),
-                      ("b_solver", SOLVERS))
+            checks = (("task", TASK_NAMES), ("estimator", ESTIMATORS), ("f_solver", forward_solvers),
+                      ("b_solver", SOLVER_NAMES))
             for key, valid in checks:
                 if key in merged:
                     check(_origin(params, study, name, [key]), merged[key], valid)

@@ -10,6 +10,7 @@ import copy
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -175,6 +176,24 @@ def test_unknown_task_lists_the_valid_ones(raw):
     params = copy.deepcopy(raw)
     params["ablations"]["runs"]["mdeq"]["task"] = "text"
     _rejects(params, "ablations.runs.mdeq.task", "'text'", "image")
+
+
+def test_validation_imports_no_torch(repo_root):
+    """The Snakefile validates params.yaml in its own process, before any job, with the
+    configurations and names of ``deq.config`` and the task names: never torch, whose
+    import was half of every `snakemake` call. The registries that do need torch hold the
+    same solver and task names."""
+    code = ("import sys; from pipeline.config import load; load('params.yaml'); "
+            "load('params.yaml', 'paper'); print(sorted({m.split('.')[0] for m in sys.modules} "
+            "& {'torch', 'numpy', 'mlflow'}))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=repo_root, capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[]", proc.stdout
+    from pipeline.deq.config import SOLVER_NAMES
+    from pipeline.experiments.tasks import TASK_NAMES, get_task
+    assert sorted(SOLVERS) == sorted(SOLVER_NAMES)
+    assert {name: get_task(name).name for name in TASK_NAMES} == {n: n for n in TASK_NAMES}
 
 
 def test_train_config_defaults_are_the_params_yaml_defaults(raw):

@@ -1,23 +1,35 @@
 """The mathematics of implicit layers: solvers, gradient estimators, spectral tools.
 
-Knows nothing of Snakemake, MLflow or files.
+Knows nothing of Snakemake, MLflow or files. :mod:`.config` holds the configurations and
+the names of the solvers and estimators, without torch: params.yaml is validated with them
+in the Snakefile's process, which then never imports torch. Every other name here needs
+torch and comes from its module when first asked for (``from pipeline.deq import solve``
+imports :mod:`.solvers`).
 """
-from .grad import (ESTIMATORS, PHANTOMS, EstimatorConfig, LayerRecord, attach_estimator,
-                   attach_phantom, dense_backward, dense_jacobian, dense_solve, implicit_layer,
-                   record_layers, replay_layers, unroll)
-from .jacobian import JacobianRegConfig, frobenius_estimate, jacobian_penalty
-from .solvers import (LINEAR_SOLVERS, SOLVERS, SolverConfig, SolverStats, get_solver, gmres,
-                      register_solver, solve)
-from .spectral import (PowerEstimate, jacobian_spectral_radius, power_iteration, power_method,
-                       spectral_norm, spectral_normalize, spectral_radius)
+from importlib import import_module
 
-__all__ = [
-    "ESTIMATORS", "PHANTOMS", "EstimatorConfig", "implicit_layer", "attach_estimator",
-    "attach_phantom", "unroll", "dense_backward", "dense_jacobian", "dense_solve",
-    "LayerRecord", "record_layers", "replay_layers",
-    "SOLVERS", "LINEAR_SOLVERS", "SolverConfig", "SolverStats", "get_solver", "register_solver",
-    "solve", "gmres",
-    "PowerEstimate", "power_iteration", "power_method", "spectral_radius",
-    "jacobian_spectral_radius", "spectral_norm", "spectral_normalize",
-    "JacobianRegConfig", "frobenius_estimate", "jacobian_penalty",
-]
+_MODULE_OF = {name: module for module, names in {
+    "config": ("ESTIMATORS", "PHANTOMS", "SOLVER_NAMES", "LINEAR_SOLVERS", "STOP_MODES",
+               "SolverConfig", "EstimatorConfig", "JacobianRegConfig"),
+    "grad": ("implicit_layer", "attach_estimator", "attach_phantom", "unroll",
+             "dense_backward", "dense_jacobian", "dense_solve", "LayerRecord", "record_layers",
+             "replay_layers"),
+    "solvers": ("SOLVERS", "SolverStats", "get_solver", "solve", "gmres"),
+    "spectral": ("PowerEstimate", "power_iteration", "power_method", "spectral_radius",
+                 "jacobian_spectral_radius", "spectral_norm", "spectral_normalize"),
+    "jacobian": ("frobenius_estimate", "jacobian_penalty"),
+}.items() for name in names}
+
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str):
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f".{_MODULE_OF[name]}", __name__), name)
+    globals()[name] = value  # the next lookup finds it without this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_MODULE_OF})

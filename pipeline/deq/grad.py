@@ -47,71 +47,11 @@ from typing import Callable, Iterator
 
 import torch
 
-from .solvers import SolverConfig, SolverStats, residuals, solve
+from .config import PHANTOMS, EstimatorConfig, SolverConfig
+from .solvers import SolverStats, residuals, solve
 
 Tensor = torch.Tensor
 Func = Callable[[Tensor], Tensor]
-
-ESTIMATORS = ("implicit", "exact", "upg", "npg", "jfb", "bptt", "unrolled")
-
-
-@dataclass(frozen=True)
-class EstimatorConfig:
-    """A gradient estimator, by name and explicit fields.
-
-    Args:
-        name: one of ``ESTIMATORS``.
-        k: unrolling steps (``upg``), Neumann terms (``npg``), layers (``unrolled``).
-            Paper's recommended A_{5,0.5} for MDEQ on CIFAR-10.
-        lam: damping factor lambda in (0, 1].
-        b_solver: backward solver for ``implicit`` (``fixed_point``, ``anderson``, ``broyden``).
-        b_max_iter: backward budget b_thres (MDEQ-Tiny: 24).
-        b_tol: backward tolerance.
-        b_stop_mode: ``rel``, ``abs`` or ``inf`` (max |g_new - g|, IGNN's backward stop).
-        b_restart: Krylov subspace size of a ``gmres`` backward.
-        b_check_every: how often the backward solve tests its tolerance on the host
-            (:class:`~pipeline.deq.solvers.SolverConfig`'s ``check_every``; 0: a fixed budget).
-        eval_unroll: at evaluation (no autograd), this many damped steps
-            h <- (1-lam) h + lam F(h) after the solve (appendix §2's test-time unrolling;
-            0, the default, returns h* as solved).
-    """
-
-    name: str = "implicit"
-    k: int = 5
-    lam: float = 0.5
-    b_solver: str = "broyden"
-    b_max_iter: int = 24
-    b_tol: float = 1e-6
-    b_stop_mode: str = "rel"
-    b_restart: int = 200
-    b_check_every: int = 1
-    eval_unroll: int = 0
-
-    def __post_init__(self) -> None:
-        if self.name not in ESTIMATORS:
-            raise ValueError(f"unknown estimator {self.name!r}; valid names: {list(ESTIMATORS)}")
-        if not isinstance(self.k, int) or isinstance(self.k, bool) or self.k < 1:
-            raise ValueError(f"estimator k={self.k!r} must be an integer >= 1")
-        if not 0.0 < self.lam <= 1.0:
-            raise ValueError(f"estimator lam={self.lam} must be in (0, 1]")
-        if not isinstance(self.eval_unroll, int) or self.eval_unroll < 0:
-            raise ValueError(f"estimator eval_unroll={self.eval_unroll!r} must be an integer >= 0")
-        self.backward_solver  # validates b_solver
-
-    @property
-    def backward_solver(self) -> SolverConfig:
-        return SolverConfig(self.b_solver, self.b_max_iter, self.b_tol, self.b_stop_mode,
-                            restart=self.b_restart, check_every=self.b_check_every)
-
-    @property
-    def effective(self) -> "EstimatorConfig":
-        """``jfb`` is ``upg`` with k = 1, lam = 1."""
-        if self.name == "jfb":
-            return EstimatorConfig("upg", 1, 1.0, self.b_solver, self.b_max_iter, self.b_tol,
-                                   self.b_stop_mode, self.b_restart, self.b_check_every,
-                                   self.eval_unroll)
-        return self
-
 
 class _BackwardHook(torch.autograd.Function):
     """Identity in the forward; the backward replaces the incoming gradient by ``fn(grad)``.
@@ -355,9 +295,6 @@ def attach_estimator(func: Func, h_star: Tensor, estimator: EstimatorConfig,
     if est.name == "exact":
         return _attach_backward(func, h_star, 1.0, dense_backward)
     raise ValueError(f"estimator {est.name!r} needs the forward unroll; use implicit_layer")
-
-
-PHANTOMS = ("upg", "npg")
 
 
 def attach_phantom(func: Func, h_star: Tensor, name: str, k: int, lam) -> Tensor:

@@ -27,68 +27,11 @@ torch.Size([3, 3])
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 
 Tensor = torch.Tensor
-
-
-@dataclass(frozen=True)
-class JacobianRegConfig:
-    """When and how strongly the penalty is added to the training loss.
-
-    Args:
-        weight: the penalty's weight at step 0 (official PostLN 1.9, PreLN 2.0; the
-            appendix's UPG runs: 0.1). 0 turns it off.
-        freq: probability that a training step adds it (official 0.35 PostLN, 0.4 PreLN).
-        incr: added to the weight every ``incr_every`` steps (official: 0.1).
-        incr_every: steps between increments; 0: the weight stays put.
-        samples: M, Hutchinson vectors per estimate (official: 1).
-        seed: seeds the per-step draws (application and vectors).
-    """
-
-    weight: float = 0.0
-    freq: float = 0.0
-    incr: float = 0.0
-    incr_every: int = 0
-    samples: int = 1
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.weight < 0 or self.incr < 0:
-            raise ValueError(f"JR weight={self.weight} and incr={self.incr} must be >= 0")
-        if not 0.0 <= self.freq <= 1.0:
-            raise ValueError(f"JR freq={self.freq} must be a probability in [0, 1]")
-        if self.incr_every < 0 or self.samples < 1:
-            raise ValueError(f"JR incr_every={self.incr_every} must be >= 0 and "
-                             f"samples={self.samples} >= 1")
-
-    @property
-    def enabled(self) -> bool:
-        return self.weight > 0 or (self.incr > 0 and self.incr_every > 0)
-
-    def weight_at(self, step: int) -> float:
-        """The weight at training step ``step``: weight + incr x floor(step / incr_every)."""
-        if not self.incr_every:
-            return self.weight
-        return self.weight + self.incr * (step // self.incr_every)
-
-    def generator(self, step: int) -> torch.Generator:
-        """The draws of step ``step``: the same on a resumed run."""
-        return torch.Generator().manual_seed(self.seed * 1_000_003 + step)
-
-    def vector_generator(self, step: int) -> torch.Generator:
-        """The Hutchinson vectors of step ``step`` (a stream apart from ``generator``)."""
-        return torch.Generator().manual_seed(self.seed * 1_000_003 + step + 7_919 * 1_000_003)
-
-    def applies(self, step: int, pretraining: bool) -> bool:
-        """Whether training step ``step`` adds the penalty: never in pretraining, else with
-        probability ``freq`` (seeded by the step)."""
-        if pretraining or not self.enabled or self.freq == 0.0:
-            return False
-        return bool(torch.rand((), generator=self.generator(step)).item() < self.freq)
 
 
 def frobenius_estimate(func: Callable[[Tensor], Tensor], h_star: Tensor, samples: int = 1,

@@ -40,10 +40,10 @@ import numpy as np
 import torch
 from torch.nn.utils import parametrize
 
+from .config import LINEAR_SOLVERS, SolverConfig
+
 Tensor = torch.Tensor
 StepCallback = Callable[[int, Tensor], None]
-
-STOP_MODES = ("abs", "rel", "inf")
 
 # The solvers' bookkeeping on a CPU solve: in Python floats (True), or on the device as on a
 # GPU (False; tests/test_host_syncs.py counts that path's host reads on the CPU).
@@ -79,57 +79,6 @@ class SolverStats:
     sample_rel_residual: list[float] = field(default_factory=list)
     inf_trace: list[float] = field(default_factory=list)
     inf_residual: float = math.nan
-
-
-@dataclass(frozen=True)
-class SolverConfig:
-    """A solver chosen by name, with its budget.
-
-    Args:
-        name: one of ``SOLVERS`` (``fixed_point``, ``anderson``, ``broyden``; ``gmres``
-            for linear systems only, see :func:`gmres`).
-        max_iter: cap on iterations (MDEQ's f_thres / b_thres).
-        tol: residual tolerance.
-        stop_mode: ``rel`` (||F(h)-h|| / ||F(h)||), ``abs`` (||F(h)-h||) or ``inf``
-            (max |F(h)-h|, IGNN's stop; not for ``gmres``).
-        damping: fixed-point damping beta in h <- (1-beta) h + beta F(h); Anderson's beta.
-        memory: Anderson's history size m.
-        restart: GMRES's Krylov subspace size before a restart. Small values stall
-            when rho(dF/dh) nears 1: on an untrained MDEQ-Tiny digits sample
-            (rho ~ 1.7) GMRES(20) and GMRES(50) stall at residuals 0.48 and 0.31
-            after 2,000 iterations, GMRES(200) converges in 187.
-        check_every: test the tolerance on the host every this many steps (1: every step,
-            the stop of the first step that meets it); 0: never, a fixed budget of
-            ``max_iter`` steps that returns the best iterate and says whether it met the
-            tolerance. Every host read is a GPU sync (module docstring); ``gmres``, a
-            float64 reference, ignores it.
-        graph: on a CUDA device, capture one call of F as a CUDA graph and replay it at
-            every step (:func:`cuda_graphed`); F eagerly on the CPU or where capture fails.
-    """
-
-    name: str = "broyden"
-    max_iter: int = 30
-    tol: float = 1e-5
-    stop_mode: str = "rel"
-    damping: float = 1.0
-    memory: int = 5
-    restart: int = 200
-    check_every: int = 1
-    graph: bool = False
-
-    def __post_init__(self) -> None:
-        get_solver(self.name)
-        if not isinstance(self.check_every, int) or self.check_every < 0:
-            raise ValueError(f"check_every={self.check_every!r} must be an integer >= 0")
-        if self.stop_mode not in STOP_MODES:
-            raise ValueError(f"stop_mode={self.stop_mode!r}; expected one of {STOP_MODES}")
-        if self.max_iter < 0:
-            raise ValueError(f"max_iter={self.max_iter} must be >= 0")
-        if self.restart < 1:
-            raise ValueError(f"restart={self.restart} must be >= 1")
-        if self.stop_mode == "inf" and self.name in LINEAR_SOLVERS:
-            raise ValueError(f"stop_mode='inf' is not available for {self.name!r}; use 'rel' "
-                             "or 'abs'")
 
 
 def residuals(x: Tensor, fx: Tensor, with_inf: bool) -> tuple[float, float, float]:
@@ -487,12 +436,9 @@ def _upper_solve(R, g):
     return scipy.linalg.solve_triangular(R, g, lower=False) if len(g) else g
 
 
-SOLVERS: dict[str, Callable] = {}
-LINEAR_SOLVERS = ("gmres",)  # for affine maps only: never a forward solver
-
-
-def register_solver(name: str, fn: Callable) -> None:
-    SOLVERS[name] = fn
+# The solvers by name: config.SOLVER_NAMES lists the same names, without torch.
+SOLVERS: dict[str, Callable] = {"fixed_point": fixed_point, "anderson": anderson,
+                                "broyden": broyden, "gmres": gmres}
 
 
 def get_solver(name: str) -> Callable:
@@ -500,12 +446,6 @@ def get_solver(name: str) -> Callable:
         return SOLVERS[name]
     except KeyError:
         raise ValueError(f"unknown solver {name!r}; valid names: {sorted(SOLVERS)}") from None
-
-
-register_solver("fixed_point", fixed_point)
-register_solver("anderson", anderson)
-register_solver("broyden", broyden)
-register_solver("gmres", gmres)
 
 
 _GRAPH_NOTES: set[str] = set()

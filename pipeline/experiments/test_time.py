@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 
 from pipeline.experiments.diagnostics import clock
 

@@ -4,16 +4,20 @@ A run is a study's ``defaults`` deep-merged with one entry of its ``runs`` (the 
 helper ``study_run`` in ``workflow/rules/common.smk``); :class:`TrainConfig` holds the
 loop's keys, the ``task`` name and the task's ``model:`` and ``data:`` blocks, and refuses
 combinations that would fail inside a job. ``pipeline.config`` calls
-:meth:`TrainConfig.from_params` on every run when it validates params.yaml, before any job.
+:meth:`TrainConfig.from_params` on every run when it validates params.yaml, before any job,
+in the Snakefile's process: this module imports no torch (``tests/test_config.py``).
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from pipeline.deq import EstimatorConfig, JacobianRegConfig, SolverConfig
-from pipeline.experiments.diagnostics import DiagnosticsConfig
-from pipeline.experiments.tasks import get_task
+from pipeline.deq.config import EstimatorConfig, JacobianRegConfig, SolverConfig
+from pipeline.experiments.tasks import check_task
+
+if TYPE_CHECKING:
+    from pipeline.experiments.diagnostics import DiagnosticsConfig
 
 
 JR_OFF = {"weight": 0.0, "freq": 0.0, "incr": 0.0, "incr_every": 0, "samples": 1}
@@ -97,7 +101,7 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown run keys {unknown}; valid keys: {sorted(names)}")
         cfg = cls(**params)
-        get_task(cfg.task)
+        check_task(cfg.task)
         cfg.check()
         return cfg
 
@@ -140,6 +144,7 @@ class TrainConfig:
 
     @property
     def diagnostics_config(self) -> DiagnosticsConfig:
+        from pipeline.experiments.diagnostics import DiagnosticsConfig  # torch: not at validation
         return DiagnosticsConfig(
             forward_solver=self.forward_solver, estimator=self.estimator_config,
             implicit=EstimatorConfig("implicit", b_solver=self.b_solver,
