@@ -5,33 +5,24 @@ from __future__ import annotations
 import csv
 import math
 import os
-import platform
 from pathlib import Path
 
 import torch
 
+from pipeline.environment import cpu_model
 from pipeline.io import atomic_path
 
 
 def machine(device: str = "cpu") -> dict:
     """The machine a benchmark ran on: CPU model, cores, torch threads, torch and TorchDEQ
     versions, the device, and the GPU's name (or "none")."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
     try:
         import torchdeq
         tdeq = getattr(torchdeq, "__version__", "") or dist_version("torchdeq")
     except ImportError:
         tdeq = ""
     gpu = torch.cuda.get_device_name(device) if device.startswith("cuda") else "none"
-    return dict(cpu=cpu, cores=os.cpu_count(), threads=torch.get_num_threads(),
+    return dict(cpu=cpu_model(), cores=os.cpu_count(), threads=torch.get_num_threads(),
                 torch=torch.__version__, torchdeq=tdeq, device=device, gpu=gpu)
 
 

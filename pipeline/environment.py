@@ -29,18 +29,34 @@ def numerics() -> dict:
             "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG")}
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; the platform's processor elsewhere). With
+    :func:`torch.backends.cpu.get_cpu_capability` it says which kernels a CPU run used:
+    the same settings give different float32 rounding on another CPU."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def lock_sha256(path: Path = LOCK) -> str | None:
     """sha256 of the lock file the environment was installed from; None without one."""
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
 
 
 def record(device: str = "cpu") -> dict:
-    """Python, torch and its CUDA, the GPU (or "cpu"), the host's cores and torch threads,
-    :func:`numerics`, and the lock file's hash."""
+    """Python, torch and its CUDA, the GPU (or "cpu"), the CPU and the kernels torch picked
+    for it (AVX2, AVX512, ...), the host's cores and torch threads, :func:`numerics`, and the
+    lock file's hash."""
     gpu = (torch.cuda.get_device_name(torch.device(device))
            if device.startswith("cuda") and torch.cuda.is_available() else "cpu")
     return {"python": platform.python_version(), "torch": torch.__version__,
-            "torch_cuda": torch.version.cuda, "gpu": gpu, "host_cores": os.cpu_count(),
+            "torch_cuda": torch.version.cuda, "gpu": gpu, "cpu": cpu_model(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "host_cores": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), **numerics(),
             "lock_sha256": lock_sha256()}
 

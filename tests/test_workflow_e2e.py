@@ -101,7 +101,8 @@ def test_one_mlflow_run_per_job_with_curves(workflow):
             assert run.info.status == ("FAILED" if failing else "FINISHED"), run.info.run_name
             assert {"git_commit", "params_hash", "study", "rule", "wildcards", "scale"} <= set(run.data.tags)
             assert {"env.python", "env.torch", "env.gpu", "env.deterministic",
-                    "env.lock_sha256", "env.cudnn_allow_tf32"} <= set(run.data.tags), run.data.tags
+                    "env.lock_sha256", "env.cudnn_allow_tf32", "env.cpu", "env.cpu_capability"} \
+                <= set(run.data.tags), run.data.tags
     run = job_runs(client, client.get_experiment_by_name("synthetic").experiment_id)[0]
     assert len(client.get_metric_history(run.info.run_id, "grad/cos_sim/upg_lam0.5")) == \
         len(tiny["synthetic"]["grid"]["k"])
