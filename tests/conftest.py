@@ -42,16 +42,31 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # one thread per worker: workers shar
 # are one scope, on one worker, scheduled first: the DAG is the suite's longest chain.
 WORKFLOW_FILES = ("test_workflow_e2e.py", "test_report.py", "test_dvc.py", "test_mlflow_ui.py")
 
+# The longest of the other files, longest first (seconds on one worker beside the DAG, 2-core
+# VM, 2026-12-06: 98, 95, 57, 51, 48, 24, 23, 23): scheduled right after the workflow's scope,
+# so the other worker starts on them and the short files fill the end; in collection order
+# (alphabetical) test_train.py came last and ran 77 s after the other worker had finished.
+LONG_FILES = ("test_train.py", "test_ddp.py", "test_gpu_script.py", "test_benchmarks.py",
+              "test_synthetic.py", "test_config.py", "test_data_wikitext.py", "test_tracking.py")
+
+
+def _file_order(name: str) -> int:
+    """The workflow's files first, then LONG_FILES in their order, then the rest."""
+    if name in WORKFLOW_FILES:
+        return 0
+    return 1 + LONG_FILES.index(name) if name in LONG_FILES else 1 + len(LONG_FILES)
+
 
 def pytest_collection_modifyitems(config, items):
-    """The tests of WORKFLOW_FILES first; a test elsewhere that reads ``workflow`` is refused,
-    since the scheduler would not keep it on the workflow's worker."""
+    """The tests of WORKFLOW_FILES first, then those of LONG_FILES; a test elsewhere that
+    reads ``workflow`` is refused, since the scheduler would not keep it on the workflow's
+    worker."""
     stray = [item.nodeid for item in items if "workflow" in getattr(item, "fixturenames", ())
              and item.path.name not in WORKFLOW_FILES]
     if stray:
         raise pytest.UsageError(f"{stray[0]} reads the `workflow` fixture: add its file to "
                                 "WORKFLOW_FILES in tests/conftest.py")
-    items.sort(key=lambda item: item.path.name not in WORKFLOW_FILES)  # stable
+    items.sort(key=lambda item: _file_order(item.path.name))  # stable: a file's tests in order
 
 
 @pytest.hookimpl(optionalhook=True)  # a run without xdist (-p no:xdist) never calls it
