@@ -43,6 +43,12 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu() -> dict:
+    """The CPU and the kernels torch picked for it (AVX2, AVX512, ...): what decides a CPU
+    run's float32 rounding, beside the settings."""
+    return {"cpu": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+
+
 def lock_sha256(path: Path = LOCK) -> str | None:
     """sha256 of the lock file the environment was installed from; None without one."""
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
@@ -55,8 +61,7 @@ def record(device: str = "cpu") -> dict:
     gpu = (torch.cuda.get_device_name(torch.device(device))
            if device.startswith("cuda") and torch.cuda.is_available() else "cpu")
     return {"python": platform.python_version(), "torch": torch.__version__,
-            "torch_cuda": torch.version.cuda, "gpu": gpu, "cpu": cpu_model(),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "host_cores": os.cpu_count(),
+            "torch_cuda": torch.version.cuda, "gpu": gpu, **cpu(), "host_cores": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), **numerics(),
             "lock_sha256": lock_sha256()}
 

@@ -128,13 +128,15 @@ REFACTOR_BASELINE = Path(__file__).parent / "data" / "refactor_baseline.json"
 def baseline_for_this_cpu(base: dict) -> dict:
     """The refactor baseline's values recorded on this CPU (model name, and torch's kernel
     set where the entry notes one); a skip naming the recording script where none was."""
-    from pipeline.environment import cpu_model
-    cpu, capability = cpu_model(), torch.backends.cpu.get_cpu_capability()
+    from pipeline.environment import cpu
+    here = cpu()
     for platform in base["platforms"]:
-        if platform["cpu"] == cpu and platform["cpu_capability"] in (None, capability):
+        if platform["cpu"] == here["cpu"] and platform["cpu_capability"] in (
+                None, here["cpu_capability"]):
             return platform["runs"]
-    pytest.skip(f"no refactor baseline recorded on {cpu} ({capability}): float32 rounds "
-                "differently per CPU; record one with tests/data/record_refactor_baseline.py")
+    pytest.skip(f"no refactor baseline recorded on {here['cpu']} ({here['cpu_capability']}): "
+                "float32 rounds differently per CPU; record one with "
+                "tests/data/record_refactor_baseline.py")
 
 
 @pytest.mark.slow
@@ -216,7 +218,7 @@ def test_diagnostics_report_a_converged_reference_by_part(digits_default_split, 
     params = {**TINY, "epochs": 1, "max_steps_per_epoch": 1, "pretrain_steps": 0,
               "estimator": "implicit", "b_max_iter": 400, "b_tol": 1e-4, "f_max_iter": 30,
               "diagnostics_every": 1, "reference_max_iter": 600,
-              "timing_repeats": 1}  # the timing path is the DAG's (3 repeats); here the cosines
+              "timing_repeats": 1}  # timed once: the 3-repeat median is the DAG's path
     m = run_train("tight", params, digits_default_split, tmp_path / "out", tmp_path / "ck")
     row = pd.read_csv(tmp_path / "out" / "curves.csv").iloc[0]
     assert row[M.GRAD_IMPLICIT_CONVERGED] == 1.0 and row[M.GRAD_IMPLICIT_REL_RESIDUAL] <= 1e-4

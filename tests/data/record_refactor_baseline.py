@@ -24,10 +24,9 @@ import tempfile
 from pathlib import Path
 
 import pandas as pd
-import torch
 import yaml
 
-from pipeline.environment import cpu_model
+from pipeline.environment import cpu
 from pipeline.io import write_json
 
 BASELINE = Path(__file__).with_name("refactor_baseline.json")
@@ -67,8 +66,7 @@ def record_old_loop(base: dict, work: Path) -> dict:
 
 def main() -> int:
     base = json.loads(BASELINE.read_text())
-    torch.set_num_threads(1)
-    platform = {"cpu": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    platform = cpu()
     with tempfile.TemporaryDirectory() as tmp:
         runs = record_old_loop(base, Path(tmp))
     kept = [p for p in base["platforms"]
