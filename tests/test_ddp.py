@@ -7,6 +7,7 @@ Run: ``.venv/bin/python -m pytest tests/test_ddp.py -q`` (CPU, about a minute on
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -53,6 +54,15 @@ def digits(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("data") / "digits"
     export_digits(out, 0.2, 0)
     return out
+
+
+def _two_ranks(fn, args: tuple) -> None:
+    """``fn(rank, *args)`` on ranks 0 and 1, each a process of its own, forked from a
+    fork server that imported torch, the loop and this module once: a spawned rank starts a
+    new interpreter and spends ~3 s of CPU importing them again (5 launches, 10 ranks)."""
+    multiprocessing.get_context("forkserver").set_forkserver_preload(
+        ["torch", "pipeline.experiments.train", __name__])
+    mp.start_processes(fn, args=args, nprocs=2, join=True, start_method="forkserver")
 
 
 def _task(cfg: TrainConfig, data: Path, batch_size: int):
@@ -109,7 +119,7 @@ def test_ddp_step_equals_single_process_step(digits, tmp_path, estimator):
     loss and gradient of one process on those 2B samples, on a plain step and on a
     diagnostics step (backward under no_sync, then averaged by hand)."""
     params = {**STEP, "estimator": estimator}
-    mp.spawn(_step_worker, args=(2, tmp_path, digits, params), nprocs=2, join=True)
+    _two_ranks(_step_worker, (2, tmp_path, digits, params))
     ranks = [torch.load(tmp_path / f"{r}.pt", weights_only=False) for r in range(2)]
     torch.set_num_threads(1)
     single = two_steps(TrainConfig.from_params(params), digits, 2 * B, distributed.SINGLE)
@@ -178,7 +188,7 @@ def test_ddp_resume_equals_uninterrupted_run(digits, tmp_path):
         folder = tmp_path / mode if mode == "whole" else tmp_path / "run"
         folder.mkdir(exist_ok=True)
         (folder / "rendezvous").unlink(missing_ok=True)
-        mp.spawn(_resume_worker, args=(2, folder, digits, mode), nprocs=2, join=True)
+        _two_ranks(_resume_worker, (2, folder, digits, mode))
         if mode == "interrupted":
             ck = load_checkpoint(folder / "last.pt")
             assert ck["state"]["step"] == 2 and len(ck["rng"]) == 2
