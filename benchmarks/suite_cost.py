@@ -83,8 +83,8 @@ def _machine_cpu() -> float:
     return sum(int(x) for x in fields[1:4]) / os.sysconf("SC_CLK_TCK")
 
 
-def _env(**extra: str) -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **extra}
+def _one_thread() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 def measure_floors(kinds: list[str], repeats: int) -> list[dict]:
@@ -100,7 +100,7 @@ def measure_floors(kinds: list[str], repeats: int) -> list[dict]:
             cpu, wall = [], []
             for rep in range(repeats + 1):
                 c0, w0 = _child_cpu(), time.perf_counter()
-                subprocess.run(cmd, check=True, capture_output=True, env=_env(), cwd=tmp)
+                subprocess.run(cmd, check=True, capture_output=True, env=_one_thread(), cwd=tmp)
                 if rep:  # repeat 0 is the warm-up
                     cpu.append(_child_cpu() - c0)
                     wall.append(time.perf_counter() - w0)
@@ -130,7 +130,9 @@ def census(command: list[str], floors: dict[str, float], cwd: Path) -> tuple[lis
         log = Path(tmp, "census.jsonl")
         path = os.pathsep.join(p for p in (tmp, os.environ.get("PYTHONPATH", "")) if p)
         m0, w0 = _machine_cpu(), time.perf_counter()
-        proc = subprocess.run(command, cwd=cwd, env=_env(PYTHONPATH=path, SUITE_CENSUS=str(log)))
+        # the caller's environment, as `make test` has it (the workers set one thread)
+        env = {**os.environ, "PYTHONPATH": path, "SUITE_CENSUS": str(log)}
+        proc = subprocess.run(command, cwd=cwd, env=env)
         wall, machine = time.perf_counter() - w0, _machine_cpu() - m0
         records = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
     rows = []
