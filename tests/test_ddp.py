@@ -7,7 +7,6 @@ Run: ``.venv/bin/python -m pytest tests/test_ddp.py -q`` (CPU, about a minute on
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import signal
 import subprocess
@@ -58,10 +57,13 @@ def digits(tmp_path_factory) -> Path:
 
 def _two_ranks(fn, args: tuple) -> None:
     """``fn(rank, *args)`` on ranks 0 and 1, each a process of its own, forked from a
-    fork server that imported torch, the loop and this module once: a spawned rank starts a
-    new interpreter and spends ~3 s of CPU importing them again (5 launches, 10 ranks)."""
-    multiprocessing.get_context("forkserver").set_forkserver_preload(
-        ["torch", "pipeline.experiments.train", __name__])
+    fork server that imported torch, TorchDynamo (the optimizer's constructor imports it)
+    and the loop once: a spawned rank starts a new interpreter and spends ~3 s of CPU
+    importing them again (5 launches, 10 ranks). The server starts with the first launch
+    and keeps that test's environment and output streams: a rank's Python traceback still
+    reaches the test, its C-level output (a gloo error) goes to the first test's capture."""
+    mp.get_context("forkserver").set_forkserver_preload(
+        ["torch", "torch._dynamo", "pipeline.experiments.train"])
     mp.start_processes(fn, args=args, nprocs=2, join=True, start_method="forkserver")
 
 

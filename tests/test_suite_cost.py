@@ -16,13 +16,13 @@ def test_the_census_records_each_python_process_that_exits_normally(tmp_path):
     cmd = [sys.executable, "-c", "import subprocess, sys; "
            f"subprocess.run([sys.executable, '-c', {child!r}]); "
            f"subprocess.run([sys.executable, '-c', {forked!r}])"]
-    rows, totals = suite_cost.census(cmd, FLOORS, tmp_path)
+    rows, totals = suite_cost.census(cmd, FLOORS, tmp_path, settle_s=0.0)
     assert totals["returncode"] == 0 and totals["processes"] == 2, rows  # parent and child
     pids = {r["pid"] for r in rows}
     assert sum(r["ppid"] in pids for r in rows) == 1, rows  # the child names the parent
     assert {r["kind"] for r in rows} == {"python"}
     assert all(0 <= r["floor_s"] <= min(r["cpu_s"], FLOORS["python"]) for r in rows)
-    assert totals["recorded_cpu_s"] == sum(r["cpu_s"] for r in rows)
+    assert totals["unrecorded_cpu_s"] == totals["machine_cpu_s"] - totals["recorded_cpu_s"]
 
 
 def test_a_process_gets_the_largest_floor_of_what_it_imported():
@@ -35,7 +35,14 @@ def test_a_process_gets_the_largest_floor_of_what_it_imported():
     assert suite_cost.kind_of(["_pytest", "torch"], FLOORS) == "pytest"
 
 
-def test_the_floor_of_a_bare_interpreter_is_measured(tmp_path):
+def test_the_floor_of_a_bare_interpreter_is_measured():
     rows = suite_cost.measure_floors(["python"], repeats=1)
     assert [r["kind"] for r in rows] == ["python"] and rows[0]["repeats"] == 1
     assert 0 < rows[0]["cpu_s"] < 5 and rows[0]["wall_s"] > 0
+
+
+def test_a_command_without_census_is_refused(capsys):
+    import pytest
+    with pytest.raises(SystemExit):
+        suite_cost.main(["--kinds", "python", "--repeats", "1", "--", "true"])
+    assert "only with --census" in capsys.readouterr().err
