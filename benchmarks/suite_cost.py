@@ -7,9 +7,9 @@
 1. **Import floor** (``process_floor.csv``): the CPU seconds of a fresh interpreter that
    imports and does nothing else (one thread, median of ``--repeats``), by what it
    imports: Python alone; torch; torch and TorchDynamo (building a ``torch.optim``
-   optimizer and ``torch.use_deterministic_algorithms`` import it); those, MLflow and its SQLite store
-   opened, as every training job does; MLflow and its store alone (``init-tracking``);
-   Snakemake (``snakemake --version``).
+   optimizer and ``torch.use_deterministic_algorithms`` import it); those, MLflow and its
+   SQLite store opened, as every training job does; MLflow and its store alone
+   (``init-tracking``); Snakemake (``snakemake --version``).
 2. **Census** (``--census``, ``suite_processes.csv``): runs a command (default: the
    README's test command) with a ``sitecustomize`` on ``PYTHONPATH`` that makes every Python
    process it starts (pytest and its workers, Snakemake and its jobs, the tests'
